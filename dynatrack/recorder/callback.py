@@ -1,0 +1,732 @@
+"""``PatternRecorder``: the Lightning callback that records activation patterns.
+
+>>> rec = PatternRecorder("runs", probe=probe_x, schedule=schedules.log_spaced())  # doctest: +SKIP
+>>> L.Trainer(callbacks=[rec]).fit(model, datamodule)                               # doctest: +SKIP
+>>> open_run(rec.run_dir).pattern_bits(step=0, layer="net.1")                       # doctest: +SKIP
+
+Step semantics: ``step`` is the number of optimizer updates applied to the
+weights that produced a row (``trainer.global_step`` when the batch starts),
+so step 0 is the initialization. Probe patterns, neuron counts and the weights
+checkpoint of step ``s`` are taken before the training batch of step ``s``;
+the ``batch`` source records that batch's own forward; the ``steps`` row of
+step ``s`` holds that batch's loss, gradient norm and learning rate. With
+``record_final=True`` the weights after the last update are recorded too.
+
+Hot path: on a recorded step the hooks pack sign bits on the device, the
+step's tensors are concatenated and copied to the host once (non-blocking into
+pinned memory on CUDA), and a job is handed to the background writer thread;
+decoding to Arrow and all file I/O happen there. Unrecorded steps pay one
+schedule call per source.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from dynatrack import schedules as sch
+from dynatrack.analysis.partitions import partition_labels
+from dynatrack.recorder.capture import Capture, LayerSelectionError, select_layers, trace_layers
+from dynatrack.recorder.data import IndexedDataset, default_sample_ids
+from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
+from dynatrack.store.fs import RunLocation, StoreError, validate_run_name
+from dynatrack.store.manifest import check_compatible, new_manifest, read_manifest, write_manifest
+from dynatrack.store.schema import MANIFEST, NEURONS, PATTERNS, STEPS
+from dynatrack.store.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
+
+
+class RecorderError(ValueError):
+    """The recorder cannot run as configured."""
+
+
+def popcount_rows(bits: np.ndarray) -> np.ndarray:
+    """Number of set bits per row of a uint8 ``[n, b]`` array."""
+    return _POPCOUNT[bits].sum(axis=1, dtype=np.int32) if bits.size else np.zeros(len(bits), np.int32)
+
+
+def binary_column(rows: np.ndarray) -> pa.Array:
+    """A ``binary`` Arrow array from a uint8 ``[n, b]`` array without a Python loop."""
+    n, b = rows.shape
+    offsets = np.arange(0, (n + 1) * b, b, dtype=np.int32)
+    return pa.Array.from_buffers(
+        pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(rows))]
+    )
+
+
+class PatternRecorder(Callback):
+    """Record activation patterns and neuron partitions of ReLU-family layers.
+
+    Args:
+        root: where runs live (local path or ``pyarrow.fs`` URI); the run directory
+            is ``<root>/<run_id>``.
+        run_name: the run id; letters, digits, ``.``, ``_``, ``-``. Default: a
+            fresh ``<timestamp>-<random>`` id shared by all DDP ranks. An existing
+            run directory is refused unless the fit resumes from a checkpoint of it.
+        layers: module names or glob patterns to hook; default every ReLU-family module.
+        probe: the probe set (see :class:`~dynatrack.recorder.probe.Probe`): a tensor,
+            ``(inputs, labels)``, ``(dataset, indices)``, or a dict of splits.
+        probe_indices: with a dataset or tensor ``probe``, the indices to use.
+        schedule: steps at which probe patterns are recorded (default ``log_spaced()``).
+        batch_schedule: steps at which the training batch's own patterns are recorded
+            (default: never). Needs sample ids in the batch (see :mod:`dynatrack.recorder.data`).
+        neuron_schedule: steps at which neuron partition counts are recorded
+            (default: ``schedule``).
+        checkpoint_schedule: steps whose weights are saved to ``checkpoints/step=<s>.pt``
+            (default: every step with recorded patterns).
+        steps_schedule: steps with a row in the ``steps`` table (default: the union
+            of the other schedules).
+        record_final: also record probe patterns, neurons and weights after the last update.
+        probe_batch_size: probe chunk size (bounds memory of the probe forward).
+        probe_forward: how to run the model on a probe chunk (default ``module(x)``).
+        sample_ids: ``callable(batch) -> LongTensor`` for the batch source, when the
+            batch is neither a dict with ``"sample_id"`` nor comes from :class:`IndexedDataset`.
+        seed: stored in the manifest (default: ``torch.initial_seed()``).
+        max_queue: bound of the writer queue (back-pressure when full).
+        rows_per_file: rows buffered per shard file.
+    """
+
+    def __init__(
+        self,
+        root: str = "runs",
+        *,
+        run_name: str | None = None,
+        layers: Sequence[str] | None = None,
+        probe: Any = None,
+        probe_indices: Sequence[int] | None = None,
+        schedule: sch.Schedule | None = None,
+        batch_schedule: sch.Schedule | None = None,
+        neuron_schedule: sch.Schedule | None = None,
+        checkpoint_schedule: sch.Schedule | None = None,
+        steps_schedule: sch.Schedule | None = None,
+        record_final: bool = True,
+        probe_batch_size: int = 1024,
+        probe_forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+        sample_ids: Callable[[Any], torch.Tensor] | None = None,
+        seed: int | None = None,
+        max_queue: int = 16,
+        rows_per_file: int = 1_000_000,
+    ) -> None:
+        super().__init__()
+        if run_name is not None:
+            validate_run_name(run_name)
+        for label, s in (("schedule", schedule), ("batch_schedule", batch_schedule),
+                         ("neuron_schedule", neuron_schedule), ("checkpoint_schedule", checkpoint_schedule),
+                         ("steps_schedule", steps_schedule)):
+            if s is not None and not callable(s):
+                raise RecorderError(f"{label} must be a callable step -> bool (see dynatrack.schedules), got {s!r}")
+        if probe_batch_size < 1:
+            raise RecorderError(f"probe_batch_size must be >= 1, got {probe_batch_size}")
+        if sample_ids is not None and not callable(sample_ids):
+            raise RecorderError("sample_ids must be a callable batch -> LongTensor")
+        self.root = str(root)
+        self.run_name = run_name
+        self.layer_names = list(layers) if layers is not None else None
+        self.probe = Probe.build(probe, probe_indices)
+        self.schedule: sch.Schedule = schedule if schedule is not None else sch.log_spaced()
+        if not self.probe.splits:
+            self.schedule = sch.never()
+        self.batch_schedule: sch.Schedule = batch_schedule if batch_schedule is not None else sch.never()
+        self.neuron_schedule: sch.Schedule = neuron_schedule if neuron_schedule is not None else self.schedule
+        if not self.probe.splits:
+            self.neuron_schedule = sch.never()
+        self.checkpoint_schedule: sch.Schedule = (
+            checkpoint_schedule if checkpoint_schedule is not None else sch.union([self.schedule, self.batch_schedule])
+        )
+        self.steps_schedule: sch.Schedule = steps_schedule if steps_schedule is not None else sch.union(
+            [self.schedule, self.batch_schedule, self.neuron_schedule, self.checkpoint_schedule]
+        )
+        self.record_final = record_final
+        self.probe_batch_size = probe_batch_size
+        self.probe_forward = probe_forward or (lambda module, x: module(x))
+        self.sample_ids_fn = sample_ids
+        self.seed = seed
+        self.max_queue = max_queue
+        self.rows_per_file = rows_per_file
+        # set up in setup()/on_fit_start()
+        self.run_id: str | None = None
+        self.attempt = 0
+        self._loc: RunLocation | None = None
+        self._writer: ShardWriter | None = None
+        self._capture: Capture | None = None
+        self._widths: dict[str, int] = {}
+        self._shard: dict[str, ProbeSplit] = {}
+        self._onehots: dict[str, list[torch.Tensor]] = {}
+        self._out_weight: nn.Parameter | None = None
+        self._last_step: dict[str, int] = {}
+        self._restored: dict[str, Any] | None = None
+        self._batch_active = False
+        self._step_of_batch = 0
+        self._grad_norm: torch.Tensor | None = None
+        self._world = 1
+        self._rank = 0
+
+    # -- public ---------------------------------------------------------------
+    @property
+    def run_dir(self) -> str:
+        """The run directory (``<root>/<run_id>``), known once ``fit`` started."""
+        if self._loc is None:
+            raise RecorderError("run_dir is known once trainer.fit() has started")
+        return self._loc.uri
+
+    @property
+    def state_key(self) -> str:
+        return f"PatternRecorder[root={self.root}, run_name={self.run_name}]"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "attempt": self.attempt, "last_step": dict(self._last_step)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+
+    # -- Lightning hooks ---------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._validate(trainer, pl_module)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._open_run(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._before_step(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.steps_schedule(trainer.global_step):
+            self._grad_norm = _grad_norm(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._after_step(trainer, pl_module, outputs, batch)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Rows up to the checkpointed step must be on disk before the checkpoint
+        # claims them, or a crash-and-resume would miss steps.
+        if self._writer is not None:
+            self._writer.flush()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.record_final and self._writer is not None:
+            self._record_weights_step(trainer, pl_module, trainer.global_step, final=True)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close(raise_errors=True)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._close(raise_errors=False)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._close(raise_errors=False)
+
+    # -- setup -------------------------------------------------------------
+    def _validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Everything that can be checked before training: fail here, not at step 5,000."""
+        modules = select_layers(pl_module, self.layer_names)
+        self._world, self._rank = trainer.world_size, trainer.global_rank
+        root_loc = RunLocation.create(self.root, self.run_name or "probe-check")
+        root_loc.check_writable()
+        if self.probe.splits:
+            split, first = next(iter(self.probe.splits.items()))
+            x = first.inputs[: min(2, len(first))]
+            device = _module_device(pl_module)
+            was_training = _training_flags(pl_module)
+            pl_module.eval()
+            try:
+                calls, widths = trace_layers(
+                    pl_module, modules, lambda t: self.probe_forward(pl_module, t), x.to(device)
+                )
+            except Exception as exc:
+                raise ProbeError(
+                    f"the probe split {split!r} (inputs of shape {tuple(first.inputs.shape)}, "
+                    f"dtype {first.inputs.dtype}) does not fit {type(pl_module).__name__}: {exc}. "
+                    "Pass probe inputs shaped like one training batch's inputs, or probe_forward=..."
+                ) from exc
+            finally:
+                _restore_training(pl_module, was_training)
+            for other, s in self.probe.splits.items():
+                if tuple(s.inputs.shape[1:]) != tuple(first.inputs.shape[1:]):
+                    raise ProbeError(
+                        f"probe split {other!r} has sample shape {tuple(s.inputs.shape[1:])}, "
+                        f"but split {split!r} has {tuple(first.inputs.shape[1:])}"
+                    )
+            silent = [n for n, k in calls.items() if k == 0]
+            if silent:
+                raise LayerSelectionError(
+                    f"layers {silent} were never called in a forward pass of the probe; "
+                    "remove them from layers=... or check the model's forward"
+                )
+            self._capture = Capture(modules, calls)
+            self._widths = widths
+        else:
+            if self.batch_schedule == sch.never() or isinstance(self.batch_schedule, sch.never):
+                raise RecorderError(
+                    "nothing to record: pass probe=... (a fixed probe set) and/or batch_schedule=... "
+                    "(the training batch's own patterns)"
+                )
+            self._capture = Capture(modules, None)
+            self._widths = {}
+        self._out_weight = _scalar_output_weight(pl_module, modules, self._widths)
+
+    def _open_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Agree on a run id across ranks, create or reopen the run directory."""
+        self._world, self._rank = trainer.world_size, trainer.global_rank
+        restored = self._restored or {}
+        run_id = restored.get("run_id") or self.run_name or _new_run_id()
+        run_id = trainer.strategy.broadcast(run_id, src=0)
+        self.run_id = run_id
+        self._loc = RunLocation.create(self.root, run_id)
+        self._last_step = {k: int(v) for k, v in (restored.get("last_step") or {}).items()}
+        decision: dict[str, Any] = {"error": None, "attempt": 0}
+        if self._rank == 0:
+            try:
+                decision["attempt"] = self._create_or_resume(trainer, pl_module, bool(restored))
+            except (StoreError, RecorderError) as exc:
+                decision["error"] = str(exc)
+        decision = trainer.strategy.broadcast(decision, src=0)
+        if decision["error"]:
+            raise RecorderError(decision["error"])
+        self.attempt = int(decision["attempt"])
+        self._shard = self.probe.shard(self._rank, self._world)
+        device = pl_module.device
+        c = self.probe.num_classes
+        self._onehots = {}
+        for name, split in self._shard.items():
+            split.inputs = split.inputs.to(device)
+            if c and split.labels is not None:
+                onehot = torch.nn.functional.one_hot(split.labels, c).T.to(device=device, dtype=torch.float32)
+            else:
+                onehot = torch.ones(1, len(split), device=device)
+            self._onehots[name] = [onehot[:, i : i + self.probe_batch_size] for i in range(0, len(split), self.probe_batch_size)]
+        self._writer = ShardWriter(
+            self._loc, rank=self._rank, attempt=self.attempt, max_queue=self.max_queue, rows_per_file=self.rows_per_file
+        )
+
+    def _create_or_resume(self, trainer: Trainer, pl_module: LightningModule, resuming: bool) -> int:
+        loc = self._loc
+        assert loc is not None
+        wanted = new_manifest(
+            run_id=loc.run_id,
+            world_size=self._world,
+            layers=[{"name": n, "width": w} for n, w in self._widths.items()],
+            probe=self.probe.describe(),
+            model=_model_spec(pl_module),
+            seed=self.seed if self.seed is not None else int(torch.initial_seed() % 2**63),
+            schedules={k: sch.describe(v) for k, v in self._schedules().items()},
+            start_step=trainer.global_step,
+        )
+        if loc.exists(MANIFEST):
+            existing = read_manifest(loc)
+            check_compatible(existing, wanted, loc.uri)
+            if not resuming:
+                raise RecorderError(
+                    f"run directory {loc.uri!r} already exists. Choose another run_name, or resume it by "
+                    "passing ckpt_path=<a Lightning checkpoint of that run> to trainer.fit()"
+                )
+            attempt = max(a["attempt"] for a in existing.get("attempts", [{"attempt": 0}])) + 1
+            existing.setdefault("attempts", []).append({"attempt": attempt, "start_step": int(trainer.global_step)})
+            write_manifest(loc, existing, overwrite=True)
+            return attempt
+        if loc.exists() and loc.list_files(""):
+            raise RecorderError(f"{loc.uri!r} exists and is not an empty dynatrack run; refusing to write into it")
+        loc.mkdir()
+        write_manifest(loc, wanted, overwrite=False)
+        return 0
+
+    def _schedules(self) -> dict[str, sch.Schedule]:
+        return {"probe": self.schedule, "batch": self.batch_schedule, "neurons": self.neuron_schedule,
+                "checkpoint": self.checkpoint_schedule, "steps": self.steps_schedule}
+
+    # -- recording -----------------------------------------------------------
+    def _due(self, kind: str, step: int, schedule: sch.Schedule) -> bool:
+        return schedule(step) and self._last_step.get(kind, -1) < step
+
+    def _before_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._writer is None:
+            return
+        self._writer.raise_if_failed()
+        step = self._step_of_batch = trainer.global_step
+        self._record_weights_step(trainer, pl_module, step, final=False)
+        if self._due("batch", step, self.batch_schedule):
+            assert self._capture is not None
+            self._capture.reset()
+            self._capture.start_forward(keep_bits=True, onehot=None)
+            self._capture.attach()
+            self._batch_active = True
+
+    def _record_weights_step(self, trainer: Trainer, pl_module: LightningModule, step: int, *, final: bool) -> None:
+        """Probe patterns, neuron counts and the weights checkpoint of ``step``."""
+        probe = self._due("probe", step, self.schedule) or (final and self._last_step.get("probe", -1) < step and bool(self._shard))
+        neurons = self._due("neurons", step, self.neuron_schedule) or (final and self._last_step.get("neurons", -1) < step and bool(self._shard))
+        ckpt = self._due("checkpoint", step, self.checkpoint_schedule) or (final and self._last_step.get("checkpoint", -1) < step)
+        if probe or neurons:
+            self._record_probe(pl_module, step, patterns=probe, neurons=neurons)
+        if probe:
+            self._last_step["probe"] = step
+        if neurons:
+            self._last_step["neurons"] = step
+        if ckpt:
+            if self._rank == 0:
+                assert self._writer is not None
+                self._writer.save_checkpoint(step, _host_state_dict(pl_module))
+            self._last_step["checkpoint"] = step
+
+    def _record_probe(self, pl_module: LightningModule, step: int, *, patterns: bool, neurons: bool) -> None:
+        cap = self._capture
+        assert cap is not None and self._writer is not None
+        was_training = _training_flags(pl_module)
+        pl_module.eval()
+        pieces: list[torch.Tensor] = []
+        layout: list[tuple[str, str, str, int, int]] = []  # (what, split, layer, rows, cols)
+        try:
+            cap.attach()
+            with torch.no_grad():
+                for split_name, split in self._shard.items():
+                    cap.reset()
+                    chunks = self._onehots[split_name]
+                    for i, onehot in enumerate(chunks):
+                        x = split.inputs[i * self.probe_batch_size : (i + 1) * self.probe_batch_size]
+                        cap.start_forward(keep_bits=patterns, onehot=onehot if neurons else None)
+                        self.probe_forward(pl_module, x)
+                    for layer in self._widths:
+                        if patterns:
+                            bits = torch.cat(cap.bits[layer]) if len(cap.bits[layer]) > 1 else cap.bits[layer][0]
+                            pieces.append(bits)
+                            layout.append(("bits", split_name, layer, bits.shape[0], bits.shape[1]))
+                        if neurons:
+                            counts = cap.counts[layer].round().to(torch.int32)
+                            pieces.append(counts)
+                            layout.append(("counts", split_name, layer, counts.shape[0], counts.shape[1]))
+        finally:
+            cap.detach()
+            cap.reset()
+            cap.start_forward(keep_bits=True, onehot=None)
+            _restore_training(pl_module, was_training)
+        if neurons and self._out_weight is not None:
+            sign = torch.sign(self._out_weight.detach()[0]).to(torch.int8)
+            pieces.append(sign.reshape(1, -1))
+            layout.append(("out_sign", "", "", 1, sign.numel()))
+        host, event = _to_host(pieces)
+        ids = {name: s.sample_ids.numpy() for name, s in self._shard.items()}  # type: ignore[union-attr]
+        n_classes = self.probe.num_classes
+        last_layer = list(self._widths)[-1] if self._widths else None
+        self._writer.submit(lambda: _decode_probe(host, event, layout, step, ids, n_classes, last_layer))
+
+    def _after_step(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
+        if self._writer is None:
+            return
+        step = self._step_of_batch
+        want_steps = self._due("steps", step, self.steps_schedule)
+        batch_bits = self._batch_active
+        if not (want_steps or batch_bits):
+            return
+        cap = self._capture
+        assert cap is not None
+        pieces: list[torch.Tensor] = []
+        layout: list[tuple[str, str, str, int, int]] = []
+        ids = None
+        if batch_bits:
+            cap.detach()
+            self._batch_active = False
+            ids = self._batch_ids(trainer, batch)
+            pieces.append(ids.to(torch.int64).reshape(1, -1).view(torch.uint8).reshape(1, -1))
+            layout.append(("ids", "train", "", 1, ids.numel() * 8))
+            for layer, chunks in cap.bits.items():
+                bits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+                if bits.shape[0] != ids.numel():
+                    raise RecorderError(
+                        f"layer {layer} saw {bits.shape[0]} samples in the training forward but the batch has "
+                        f"{ids.numel()} sample ids; check sample_ids=... (or gradient accumulation inside training_step)"
+                    )
+                pieces.append(bits)
+                layout.append(("bits", "train", layer, bits.shape[0], bits.shape[1]))
+            cap.reset()
+            self._last_step["batch"] = step
+        if want_steps:
+            loss = _loss_of(outputs).detach().float().reshape(())
+            gn = self._grad_norm if self._grad_norm is not None else torch.tensor(float("nan"))
+            scalars = torch.stack([loss, gn.float().reshape(()).to(loss.device)])
+            pieces.append(scalars.reshape(1, 2).view(torch.uint8))
+            layout.append(("scalars", "", "", 1, 8))
+            self._last_step["steps"] = step
+        self._grad_norm = None
+        meta = {
+            "step": step,
+            "epoch": trainer.current_epoch,
+            "lr": _lr(trainer),
+            "batch_size": (ids.numel() if ids is not None else _batch_len(batch)) * self._world,
+            "wall_time": time.time(),
+        }
+        host, event = _to_host(pieces)
+        assert self._writer is not None
+        self._writer.submit(lambda: _decode_batch(host, event, layout, meta))
+
+    def _batch_ids(self, trainer: Trainer, batch: Any) -> torch.Tensor:
+        if self.sample_ids_fn is not None:
+            ids = self.sample_ids_fn(batch)
+        elif isinstance(batch, Mapping):
+            ids = default_sample_ids(batch)
+        elif isinstance(getattr(trainer.train_dataloader, "dataset", None), IndexedDataset):
+            ids = default_sample_ids(batch)
+        else:
+            ids = None
+        if ids is None:
+            raise RecorderError(
+                "the batch source needs each sample's id: wrap the training dataset in "
+                "dynatrack.IndexedDataset (batches then end with the index tensor), use dict batches with "
+                "a 'sample_id' tensor, or pass sample_ids=callable(batch) -> LongTensor"
+            )
+        return torch.as_tensor(ids).reshape(-1)
+
+    def _close(self, *, raise_errors: bool) -> None:
+        if self._capture is not None:
+            self._capture.detach()
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except Exception:
+            if raise_errors:
+                raise
+            log.exception("dynatrack writer failed while closing the run")
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def _new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _training_flags(module: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in module.named_modules()}
+
+
+def _restore_training(module: nn.Module, flags: dict[str, bool]) -> None:
+    for name, m in module.named_modules():
+        if name in flags:
+            m.training = flags[name]
+
+
+def _grad_norm(module: nn.Module) -> torch.Tensor | None:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def _loss_of(outputs: Any) -> torch.Tensor:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss
+    return torch.tensor(float("nan"))
+
+
+def _lr(trainer: Trainer) -> float:
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (IndexError, KeyError, TypeError, ValueError):
+        return math.nan
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            n = _batch_len(item)
+            if n:
+                return n
+    return 0
+
+
+def _model_spec(module: LightningModule) -> dict[str, Any]:
+    """``{class_path, init_args}``: enough to rebuild the model for weight analyses."""
+    cls = type(module)
+    init_args: dict[str, Any] = {}
+    for k, v in dict(getattr(module, "hparams", {}) or {}).items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            init_args[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(i, (int, float, str, bool)) for i in v):
+            init_args[k] = list(v)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def _scalar_output_weight(
+    module: nn.Module, hooked: list[tuple[str, nn.Module]], widths: dict[str, int]
+) -> nn.Parameter | None:
+    """The outgoing weight ``a`` of the last hidden layer when the model output is scalar.
+
+    Found as the last ``nn.Linear`` in ``named_modules()`` order, when it has one
+    output and takes exactly the last recorded layer's width as input.
+    """
+    if not widths:
+        return None
+    linears = [m for _, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    last = linears[-1]
+    if last.out_features == 1 and last.in_features == list(widths.values())[-1]:
+        return last.weight
+    return None
+
+
+def _host_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _to_host(pieces: list[torch.Tensor]) -> tuple[np.ndarray, Any]:
+    """Concatenate the step's tensors as bytes and copy them to the host once.
+
+    On CUDA the copy is non-blocking into pinned memory; the returned event is
+    synchronized by the writer thread before it reads the bytes.
+    """
+    if not pieces:
+        return np.zeros(0, np.uint8), None
+    flat = torch.cat([p.contiguous().view(torch.uint8).reshape(-1) for p in pieces])
+    if flat.device.type == "cuda":
+        host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host.numpy(), event
+    return flat.numpy(), None
+
+
+def _split_layout(host: np.ndarray, event: Any, layout: list[tuple[str, str, str, int, int]]) -> list[tuple[tuple[str, str, str, int, int], np.ndarray]]:
+    if event is not None:
+        event.synchronize()
+    out, offset = [], 0
+    itemsize = {"bits": 1, "counts": 4, "out_sign": 1, "ids": 1, "scalars": 1}
+    for item in layout:
+        what, _, _, rows, cols = item
+        n = rows * cols * itemsize[what]
+        raw = host[offset : offset + n]
+        offset += n
+        if what == "counts":
+            arr = raw.view(np.int32).reshape(rows, cols)
+        elif what == "out_sign":
+            arr = raw.view(np.int8).reshape(rows, cols)
+        else:
+            arr = raw.reshape(rows, cols)
+        out.append((item, arr))
+    return out
+
+
+def _decode_probe(
+    host: np.ndarray,
+    event: Any,
+    layout: list[tuple[str, str, str, int, int]],
+    step: int,
+    ids: dict[str, np.ndarray],
+    n_classes: int,
+    last_layer: str | None,
+) -> dict[str, pa.Table]:
+    parts = _split_layout(host, event, layout)
+    out_sign = next((arr[0] for (what, *_), arr in parts if what == "out_sign"), None)
+    patterns, neurons = [], []
+    for (what, split, layer, rows, cols), arr in parts:
+        if what == "bits":
+            patterns.append(_pattern_table(step, layer, split, "probe", ids[split], arr))
+        elif what == "counts":
+            by_class = arr.T.astype(np.int32)  # [width, C or 1]
+            width = by_class.shape[0]
+            active = by_class.sum(axis=1, dtype=np.int64)
+            n = np.full(width, len(ids[split]), dtype=np.int64)
+            abc = by_class if n_classes else np.zeros((width, 0), np.int32)
+            labels = partition_labels(active, n, abc if n_classes else None)
+            sign = out_sign if (out_sign is not None and layer == last_layer) else None
+            neurons.append(
+                pa.table(
+                    {
+                        "step": np.full(width, step, np.int64),
+                        "layer": pa.array([layer] * width, pa.string()),
+                        "split": pa.array([split] * width, pa.string()),
+                        "neuron": np.arange(width, dtype=np.int32),
+                        "active": active,
+                        "n_samples": n,
+                        "active_by_class": pa.ListArray.from_arrays(
+                            np.arange(0, (width + 1) * abc.shape[1], abc.shape[1], dtype=np.int32),
+                            pa.array(np.ascontiguousarray(abc).reshape(-1), pa.int32()),
+                        ),
+                        "partition": pa.array(labels.tolist(), pa.string()),
+                        "out_sign": pa.array(sign, pa.int8()) if sign is not None else pa.nulls(width, pa.int8()),
+                    },
+                    schema=NEURONS,
+                )
+            )
+    out = {}
+    if patterns:
+        out["patterns"] = pa.concat_tables(patterns)
+    if neurons:
+        out["neurons"] = pa.concat_tables(neurons)
+    return out
+
+
+def _pattern_table(step: int, layer: str, split: str, source: str, ids: np.ndarray, bits: np.ndarray) -> pa.Table:
+    n = len(ids)
+    return pa.table(
+        {
+            "step": np.full(n, step, np.int64),
+            "layer": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [layer]).cast(pa.string()),
+            "sample_id": ids.astype(np.int64, copy=False),
+            "split": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [split]).cast(pa.string()),
+            "source": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [source]).cast(pa.string()),
+            "bits": binary_column(bits),
+            "n_active": popcount_rows(bits),
+        },
+        schema=PATTERNS,
+    )
+
+
+def _decode_batch(
+    host: np.ndarray, event: Any, layout: list[tuple[str, str, str, int, int]], meta: dict[str, Any]
+) -> dict[str, pa.Table]:
+    parts = _split_layout(host, event, layout)
+    out: dict[str, pa.Table] = {}
+    ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
+    patterns = [
+        _pattern_table(meta["step"], layer, split, "batch", ids, arr)  # type: ignore[arg-type]
+        for (what, split, layer, _, _), arr in parts
+        if what == "bits"
+    ]
+    if patterns:
+        out["patterns"] = pa.concat_tables(patterns)
+    scalars = next((arr.reshape(-1).view(np.float32) for (what, *_), arr in parts if what == "scalars"), None)
+    if scalars is not None:
+        out["steps"] = pa.table(
+            {
+                "step": [meta["step"]],
+                "epoch": [meta["epoch"]],
+                "loss": [float(scalars[0])],
+                "lr": [meta["lr"]],
+                "batch_size": [meta["batch_size"]],
+                "grad_norm": [float(scalars[1])],
+                "wall_time": [meta["wall_time"]],
+            },
+            schema=STEPS,
+        )
+    return out

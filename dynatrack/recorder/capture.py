@@ -1,0 +1,193 @@
+"""Finding ReLU-family layers and capturing their sign patterns with forward hooks.
+
+The pattern of a neuron is the sign of the pre-activation, i.e. of the
+activation module's *input*: ``x > 0``. That is exact for ReLU, LeakyReLU,
+PReLU, ReLU6, RReLU and ELU-style units, and is the "gate" sign for GELU,
+SiLU, Mish and friends. Activations applied functionally (``F.relu(x)`` in a
+``forward``) have no module and cannot be hooked: use ``nn.ReLU`` modules.
+
+A module applied several times in one forward (one ``nn.ReLU`` shared by
+several layers) is recorded once per call, as ``<name>@0``, ``<name>@1``, ...
+
+>>> import torch, torch.nn as nn
+>>> net = nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 1))
+>>> [name for name, _ in select_layers(net, None)]
+['1']
+>>> pack_bits(torch.tensor([[True, False, True, False, False, False, False, False, True]])).tolist()
+[[160, 128]]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+RELU_FAMILY: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ReLU6,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+)
+
+
+class LayerSelectionError(ValueError):
+    """No layer to record, or a requested layer name that matches nothing."""
+
+
+def select_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
+    """The modules to hook, in ``named_modules()`` order.
+
+    ``layers=None`` takes every ReLU-family module (by type). Otherwise each entry
+    is a module name or a glob pattern (``"encoder.*.act"``) over
+    ``named_modules()``; every entry must match at least one module.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    candidates = [n for n, m in named if isinstance(m, RELU_FAMILY)]
+    if layers is None:
+        if not candidates:
+            types = sorted({type(m).__name__ for _, m in named})
+            raise LayerSelectionError(
+                f"{type(model).__name__} has no ReLU-family module to record (module types: {types}). "
+                "Use nn.ReLU/nn.LeakyReLU/nn.GELU/... modules instead of functional activations, "
+                "or name the modules whose input sign to record with layers=[...]."
+            )
+        return [(n, m) for n, m in named if isinstance(m, RELU_FAMILY)]
+    if isinstance(layers, str):
+        layers = [layers]
+    chosen: dict[str, nn.Module] = {}
+    for pattern in layers:
+        hits = [(n, m) for n, m in named if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise LayerSelectionError(
+                f"layers=[{pattern!r}] matches no module of {type(model).__name__}. "
+                f"ReLU-family modules: {candidates or 'none'}; all modules: {[n for n, _ in named][:50]}"
+            )
+        chosen.update(hits)
+    return [(n, m) for n, m in named if n in chosen]
+
+
+def pack_bits(active: torch.Tensor) -> torch.Tensor:
+    """Pack a bool ``[n, w]`` tensor to uint8 ``[n, ceil(w/8)]`` on its device.
+
+    Bit order as ``numpy.packbits(..., bitorder="big")``: neuron j is bit
+    ``7 - j % 8`` of byte ``j // 8``.
+    """
+    n, w = active.shape
+    pad = (-w) % 8
+    x = active.to(torch.uint8)
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    x = x.view(n, -1, 8)
+    shifts = torch.arange(7, -1, -1, device=x.device, dtype=torch.uint8)
+    return (x << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+class Capture:
+    """Forward hooks that turn each selected module's input into packed sign bits.
+
+    Hooks are attached only while recording (:meth:`attach` / :meth:`detach`),
+    so steps that are not recorded pay nothing. Per call of a hooked module the
+    hook stores the packed bits, and, when ``labels`` are set, accumulates per
+    class activation counts (for neuron partitions) on the device.
+    """
+
+    def __init__(self, modules: list[tuple[str, nn.Module]], calls: dict[str, int] | None = None) -> None:
+        self.modules = modules
+        self.calls = calls or {name: 1 for name, _ in modules}
+        self._handles: list[Any] = []
+        self._seen: dict[str, int] = defaultdict(int)
+        self.bits: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.counts: dict[str, torch.Tensor] = {}
+        self.widths: dict[str, int] = {}
+        self.keep_bits = True
+        self.onehot: torch.Tensor | None = None  # [C, n] float, or [1, n] ones without labels
+
+    @property
+    def names(self) -> list[str]:
+        """Recorded layer names, in forward order (``name@k`` for shared modules)."""
+        out = []
+        for name, _ in self.modules:
+            k = self.calls.get(name, 1)
+            out.extend([name] if k == 1 else [f"{name}@{i}" for i in range(k)])
+        return out
+
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def start_forward(self, *, keep_bits: bool = True, onehot: torch.Tensor | None = None) -> None:
+        """Reset the per-forward call counter; set what the next forward should collect."""
+        self._seen.clear()
+        self.keep_bits = keep_bits
+        self.onehot = onehot
+
+    def reset(self) -> None:
+        self.bits.clear()
+        self.counts.clear()
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            k = self._seen[name]
+            self._seen[name] = k + 1
+            key = name if self.calls.get(name, 1) == 1 else f"{name}@{k}"
+            active = x.detach().reshape(x.shape[0], -1) > 0
+            self.widths[key] = active.shape[1]
+            if self.keep_bits:
+                self.bits[key].append(pack_bits(active))
+            if self.onehot is not None:
+                c = self.onehot @ active.to(self.onehot.dtype)
+                prev = self.counts.get(key)
+                self.counts[key] = c if prev is None else prev + c
+
+        return hook
+
+
+def trace_layers(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], forward: Callable[[torch.Tensor], Any], x: torch.Tensor
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Run one forward on ``x`` to learn each module's call count and each layer's width."""
+    counter: dict[str, int] = defaultdict(int)
+    widths: dict[str, int] = {}
+
+    def make(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                widths[f"{name}@{counter[name]}"] = int(args[0][0].numel())
+                counter[name] += 1
+
+        return hook
+
+    handles = [m.register_forward_hook(make(name)) for name, m in modules]
+    try:
+        with torch.no_grad():
+            forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+    calls = {name: counter.get(name, 0) for name, _ in modules}
+    out_widths: dict[str, int] = {}
+    for name, k in calls.items():
+        for i in range(k):
+            out_widths[name if k == 1 else f"{name}@{i}"] = widths[f"{name}@{i}"]
+    return calls, out_widths

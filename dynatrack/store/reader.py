@@ -1,0 +1,281 @@
+"""Typed, lazy access to a run directory.
+
+>>> run = open_run("runs/<run_id>")                      # doctest: +SKIP
+>>> ids, bits = run.pattern_bits(step=0, layer="net.1")  # doctest: +SKIP
+>>> run.steps().to_pandas()                              # doctest: +SKIP
+
+The directory is plain Parquet, readable without dynatrack, e.g. with DuckDB::
+
+    SELECT step, layer, COUNT(DISTINCT bits)
+    FROM read_parquet('runs/<run_id>/patterns/*/*.parquet', hive_partitioning = true)
+    GROUP BY ALL;
+
+A resumed run (see ``attempts`` in the manifest) may hold rows of an earlier
+attempt at steps that the resumed attempt recorded again; this reader keeps
+only the latest attempt's rows for such steps.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from dynatrack.analysis.partitions import partition_labels
+from dynatrack.store.fs import RunLocation, StoreError
+from dynatrack.store.manifest import read_manifest
+from dynatrack.store.schema import ANALYSIS, CHECKPOINTS, TABLES, checkpoint_name, parse_part_name
+
+RunError = StoreError
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    kind: str
+    rank: int
+    attempt: int
+    seq: int
+    path: str
+    size: int
+
+
+def open_run(run_dir: str | os.PathLike) -> "Run":
+    """Open a run directory written by :class:`dynatrack.PatternRecorder`.
+
+    Raises :class:`RunError` if it does not exist, is not a dynatrack run, or
+    uses a newer schema version than this code reads.
+    """
+    return Run(RunLocation.from_run_dir(run_dir))
+
+
+class Run:
+    """A recorded run: manifest, shard files, tables and checkpoints."""
+
+    def __init__(self, loc: RunLocation) -> None:
+        self.loc = loc
+        self.manifest: dict[str, Any] = read_manifest(loc)
+
+    # -- metadata ------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    @property
+    def path(self) -> str:
+        return self.loc.uri
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """``[{name, width}]`` in forward order."""
+        return list(self.manifest["layers"])
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {layer["name"]: int(layer["width"]) for layer in self.manifest["layers"]}
+
+    def files(self, kind: str) -> list[ShardFile]:
+        """The shard files of one table (``patterns``, ``steps`` or ``neurons``)."""
+        if kind not in TABLES:
+            raise ValueError(f"unknown table {kind!r}; expected one of {sorted(TABLES)}")
+        out = []
+        for info in self.loc.list_files(kind):
+            parsed = parse_part_name(info.base_name)
+            rank_dir = info.path.rsplit("/", 2)[-2]
+            if parsed is None or not rank_dir.startswith("rank="):
+                continue
+            out.append(ShardFile(kind, int(rank_dir[5:]), parsed[0], parsed[1], info.path, info.size))
+        return out
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({f.rank for kind in TABLES for f in self.files(kind)})
+
+    def _cutoffs(self) -> dict[int, float]:
+        """Per attempt, the first step that a later attempt recorded again."""
+        attempts = sorted(self.manifest.get("attempts", [{"attempt": 0, "start_step": 0}]), key=lambda a: a["attempt"])
+        cut: dict[int, float] = {}
+        for i, a in enumerate(attempts):
+            later = [b["start_step"] for b in attempts[i + 1 :]]
+            cut[a["attempt"]] = min(later) if later else float("inf")
+        return cut
+
+    # -- tables ----------------------------------------------------------------
+    def table(self, kind: str, *, filter: ds.Expression | None = None, columns: list[str] | None = None) -> pa.Table:
+        """One table over all ranks, with a ``rank`` column, superseded rows dropped."""
+        files = self.files(kind)
+        schema = TABLES[kind]
+        cutoffs = self._cutoffs()
+        groups: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for f in files:
+            groups[(f.attempt, f.rank)].append(f.path)
+        parts = []
+        for (attempt, rank), paths in sorted(groups.items()):
+            expr = filter
+            cut = cutoffs.get(attempt, float("inf"))
+            if cut != float("inf"):
+                keep = ds.field("step") < int(cut)
+                expr = keep if expr is None else (expr & keep)
+            dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=self.loc.fs)
+            t = dataset.to_table(filter=expr, columns=columns)
+            parts.append(t.append_column("rank", pa.array(np.full(t.num_rows, rank, dtype=np.int32))))
+        if not parts:
+            cols = [schema.field(c) for c in (columns or schema.names)]
+            return pa.schema([*cols, pa.field("rank", pa.int32())]).empty_table()
+        return pa.concat_tables(parts)
+
+    def patterns(
+        self,
+        *,
+        step: int | None = None,
+        layer: str | None = None,
+        split: str | None = None,
+        source: str | None = None,
+        columns: list[str] | None = None,
+    ) -> pa.Table:
+        """Pattern rows, filtered on any of ``step``, ``layer``, ``split``, ``source``."""
+        expr = None
+        for name, value in (("step", step), ("layer", layer), ("split", split), ("source", source)):
+            if value is not None:
+                e = ds.field(name) == value
+                expr = e if expr is None else expr & e
+        return self.table("patterns", filter=expr, columns=columns)
+
+    def pattern_bits(
+        self, step: int, layer: str, *, split: str | None = "train", source: str = "probe"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(sample_ids int64[n], bits uint8[n, ceil(width/8)])`` sorted by sample id.
+
+        Unpack with ``numpy.unpackbits(bits, axis=1, count=width)``.
+        """
+        if layer not in self.widths:
+            raise KeyError(f"layer {layer!r} was not recorded; recorded layers: {list(self.widths)}")
+        t = self.patterns(step=step, layer=layer, split=split, source=source, columns=["sample_id", "bits"])
+        return bits_matrix(t, self.widths[layer])
+
+    def steps(self) -> pa.Table:
+        """The ``steps`` table (one row per recorded step per rank)."""
+        return self.table("steps")
+
+    def neurons(self, *, merged: bool = False, step: int | None = None) -> pa.Table:
+        """The ``neurons`` table; ``merged=True`` sums counts over ranks and relabels.
+
+        Merged labels come from :func:`dynatrack.analysis.partitions.partition_labels`
+        on the whole-probe counts (per-rank labels only see that rank's samples).
+        """
+        expr = None if step is None else ds.field("step") == step
+        t = self.table("neurons", filter=expr)
+        if not merged or t.num_rows == 0:
+            return t
+        keys = ["step", "layer", "split", "neuron"]
+        grouped = t.group_by(keys).aggregate([("active", "sum"), ("n_samples", "sum"), ("out_sign", "max")])
+        # active_by_class: sum lists element-wise via numpy, in the grouped order.
+        abc = t.column("active_by_class").combine_chunks()
+        n_classes = len(abc[0]) if len(abc) and abc[0].is_valid else 0
+        flat = np.asarray(abc.flatten().to_numpy(zero_copy_only=False), dtype=np.int64).reshape(len(abc), n_classes)
+        key_cols = [t.column(k).to_numpy(zero_copy_only=False) for k in keys]
+        index = {k: i for i, k in enumerate(zip(*[grouped.column(k).to_pylist() for k in keys]))}
+        rows = np.fromiter((index[k] for k in zip(*[c.tolist() for c in key_cols])), dtype=np.int64, count=t.num_rows)
+        sums = np.zeros((grouped.num_rows, n_classes), dtype=np.int64)
+        np.add.at(sums, rows, flat)
+        active = grouped.column("active_sum").to_numpy()
+        n = grouped.column("n_samples_sum").to_numpy()
+        labels = partition_labels(active, n, sums if n_classes else None)
+        return pa.table(
+            {
+                **{k: grouped.column(k) for k in keys},
+                "active": active,
+                "n_samples": n,
+                "active_by_class": pa.array(sums.tolist(), type=pa.list_(pa.int32())),
+                "partition": pa.array(labels.tolist(), type=pa.string()),
+                "out_sign": grouped.column("out_sign_max").cast(pa.int8()),
+            }
+        ).sort_by([(k, "ascending") for k in keys])
+
+    def recorded_steps(self, kind: str = "patterns", **filters: Any) -> list[int]:
+        """Sorted distinct steps present in a table."""
+        if kind == "patterns":
+            t = self.patterns(columns=["step"], **filters)
+        else:
+            t = self.table(kind, columns=["step"])
+        return sorted(int(s) for s in pc.unique(t.column("step")).to_pylist()) if t.num_rows else []
+
+    # -- checkpoints and analysis --------------------------------------------
+    def checkpoint_steps(self) -> list[int]:
+        steps = []
+        for info in self.loc.list_files(CHECKPOINTS, recursive=False):
+            name = info.base_name
+            if name.startswith("step=") and name.endswith(".pt") and name[5:-3].isdigit():
+                steps.append(int(name[5:-3]))
+        return sorted(steps)
+
+    def checkpoint(self, step: int) -> dict[str, Any]:
+        """The weights at ``step`` (``torch.load(..., weights_only=True)``)."""
+        import torch
+
+        rel = f"{CHECKPOINTS}/{checkpoint_name(step)}"
+        if not self.loc.exists(rel):
+            raise RunError(
+                f"run {self.path!r} has no checkpoint for step {step}; checkpointed steps: "
+                f"{self.checkpoint_steps()}. Record with a checkpoint schedule that includes it."
+            )
+        return torch.load(io.BytesIO(self.loc.read_bytes(rel)), map_location="cpu", weights_only=True)
+
+    def analysis_path(self, analyzer: str) -> str:
+        return self.loc.join(ANALYSIS, f"{analyzer}.parquet")
+
+    # -- inspect -----------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """What the run holds: layers, steps, ranks, rows and bytes per table."""
+        tables = {}
+        for kind in TABLES:
+            files = self.files(kind)
+            rows = 0
+            for f in files:
+                with self.loc.fs.open_input_file(f.path) as fh:
+                    import pyarrow.parquet as pq
+
+                    rows += pq.ParquetFile(fh).metadata.num_rows
+            tables[kind] = {"files": len(files), "rows": rows, "bytes": sum(f.size for f in files)}
+        pattern_steps = self.recorded_steps("patterns")
+        ckpts = self.checkpoint_steps()
+        ckpt_bytes = sum(i.size for i in self.loc.list_files(CHECKPOINTS, recursive=False))
+        return {
+            "run_id": self.run_id,
+            "path": self.path,
+            "schema_version": self.manifest["schema_version"],
+            "world_size": self.manifest.get("world_size"),
+            "ranks": self.ranks,
+            "layers": self.layers,
+            "probe": self.manifest.get("probe"),
+            "pattern_steps": pattern_steps,
+            "checkpoint_steps": ckpts,
+            "attempts": self.manifest.get("attempts"),
+            "tables": tables,
+            "checkpoint_bytes": ckpt_bytes,
+            "total_bytes": sum(t["bytes"] for t in tables.values()) + ckpt_bytes,
+        }
+
+
+def bits_matrix(table: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Turn ``sample_id``/``bits`` columns into sorted numpy arrays."""
+    nbytes = (width + 7) // 8
+    ids = table.column("sample_id").to_numpy().astype(np.int64, copy=False)
+    col = table.column("bits").combine_chunks()
+    if len(col) == 0:
+        return ids, np.zeros((0, nbytes), dtype=np.uint8)
+    bufs = col.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8)
+    start = offsets[0]
+    if not np.all(np.diff(offsets) == nbytes):
+        raise RunError(f"pattern rows do not all hold {nbytes} bytes (layer width {width})")
+    bits = data[start : start + nbytes * len(col)].reshape(len(col), nbytes)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], bits[order]
