@@ -78,7 +78,9 @@ class PatternRecorder(Callback):
             run directory is refused unless the fit resumes from a checkpoint of it.
         layers: module names or glob patterns to hook; default every ReLU-family module.
         probe: the probe set (see :class:`~dynatrack.recorder.probe.Probe`): a tensor,
-            ``(inputs, labels)``, ``(dataset, indices)``, or a dict of splits.
+            ``(inputs, labels)``, ``(dataset, indices)``, or a dict of splits; or the
+            string ``"datamodule"`` to take ``trainer.datamodule.probe()`` at setup
+            (handy from a YAML config).
         probe_indices: with a dataset or tensor ``probe``, the indices to use.
         schedule: steps at which probe patterns are recorded (default ``log_spaced()``).
         batch_schedule: steps at which the training batch's own patterns are recorded
@@ -135,13 +137,17 @@ class PatternRecorder(Callback):
         self.root = str(root)
         self.run_name = run_name
         self.layer_names = list(layers) if layers is not None else None
-        self.probe = Probe.build(probe, probe_indices)
+        if isinstance(probe, str) and probe != "datamodule":
+            raise RecorderError(f"probe={probe!r}: the only string accepted is 'datamodule'")
+        self._probe_from_datamodule = probe == "datamodule"
+        self.probe = Probe.build(None if self._probe_from_datamodule else probe, probe_indices)
+        has_probe = bool(self.probe.splits) or self._probe_from_datamodule
         self.schedule: sch.Schedule = schedule if schedule is not None else sch.log_spaced()
-        if not self.probe.splits:
+        if not has_probe:
             self.schedule = sch.never()
         self.batch_schedule: sch.Schedule = batch_schedule if batch_schedule is not None else sch.never()
         self.neuron_schedule: sch.Schedule = neuron_schedule if neuron_schedule is not None else self.schedule
-        if not self.probe.splits:
+        if not has_probe:
             self.neuron_schedule = sch.never()
         self.checkpoint_schedule: sch.Schedule = (
             checkpoint_schedule if checkpoint_schedule is not None else sch.union([self.schedule, self.batch_schedule])
@@ -236,6 +242,14 @@ class PatternRecorder(Callback):
     def _validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Everything that can be checked before training: fail here, not at step 5,000."""
         modules = select_layers(pl_module, self.layer_names)
+        if self._probe_from_datamodule:
+            dm = trainer.datamodule
+            if dm is None or not callable(getattr(dm, "probe", None)):
+                raise ProbeError(
+                    "probe='datamodule' needs a LightningDataModule with a probe() method returning the probe "
+                    f"splits; got {type(dm).__name__ if dm is not None else 'no datamodule'}"
+                )
+            self.probe = Probe.build(dm.probe())
         self._world, self._rank = trainer.world_size, trainer.global_rank
         root_loc = RunLocation.create(self.root, self.run_name or "probe-check")
         root_loc.check_writable()
@@ -272,7 +286,7 @@ class PatternRecorder(Callback):
             self._capture = Capture(modules, calls)
             self._widths = widths
         else:
-            if self.batch_schedule == sch.never() or isinstance(self.batch_schedule, sch.never):
+            if isinstance(self.batch_schedule, sch.never):
                 raise RecorderError(
                     "nothing to record: pass probe=... (a fixed probe set) and/or batch_schedule=... "
                     "(the training batch's own patterns)"

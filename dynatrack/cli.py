@@ -1,0 +1,137 @@
+"""``dynatrack demo | fit | inspect | analyze``.
+
+Every command's default root is ``./runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+log = logging.getLogger("dynatrack")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _steps_text(steps: list[int], limit: int = 12) -> str:
+    if len(steps) <= limit:
+        return ", ".join(map(str, steps))
+    head = ", ".join(map(str, steps[: limit - 3]))
+    return f"{head}, ..., {', '.join(map(str, steps[-2:]))} ({len(steps)} steps)"
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print what a run holds as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]run[/bold] {summary['run_id']}  [dim]{summary['path']}[/dim]")
+    console.print(
+        f"schema v{summary['schema_version']}, world size {summary['world_size']}, ranks {summary['ranks']}, "
+        f"attempts {len(summary.get('attempts') or [])}"
+    )
+    probe = summary.get("probe") or {}
+    if probe:
+        console.print(f"probe: {probe.get('size')} samples {probe.get('splits')}, {probe.get('num_classes')} classes")
+    layers = Table(title="layers")
+    layers.add_column("layer")
+    layers.add_column("width", justify="right")
+    for layer in summary["layers"]:
+        layers.add_row(layer["name"], str(layer["width"]))
+    console.print(layers)
+    console.print(f"pattern steps: {_steps_text(summary['pattern_steps'])}")
+    console.print(f"checkpoints:   {_steps_text(summary['checkpoint_steps'])}")
+    tables = Table(title="tables")
+    for col in ("table", "files", "rows", "bytes"):
+        tables.add_column(col, justify="left" if col == "table" else "right")
+    for kind, t in summary["tables"].items():
+        tables.add_row(kind, str(t["files"]), f"{t['rows']:,}", _human(t["bytes"]))
+    tables.add_row("checkpoints", str(len(summary["checkpoint_steps"])), "", _human(summary["checkpoint_bytes"]))
+    console.print(tables)
+    console.print(f"total on disk: {_human(summary['total_bytes'])}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dynatrack.store import open_run
+
+    summary = open_run(args.run_dir).summary()
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print_summary(summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dynatrack.demo import run_demo
+
+    return run_demo(root=args.root, steps=args.steps, devices=args.devices, run_name=args.run_name,
+                    analyze=not args.no_analyze, seed=args.seed)
+
+
+def cmd_fit(argv: list[str]) -> int:
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(args=["fit", *argv], save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynatrack", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train an MLP on digits with 2 CPU DDP ranks, record and summarize")
+    p.add_argument("--root", default="runs", help="runs root (default ./runs)")
+    p.add_argument("--run-name", default=None, help="run id (default: a fresh timestamped id)")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
+    p.add_argument("--devices", type=int, default=2, help="CPU DDP processes (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-analyze", action="store_true", help="only record, skip the analyzers")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("fit", help="LightningCLI fit, e.g. dynatrack fit --config configs/digits.yaml",
+                       add_help=False)
+    p.set_defaults(func=None)
+
+    p = sub.add_parser("inspect", help="print what a run directory holds")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit":
+        return cmd_fit(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", module="lightning")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        # Clear errors (bad run dir, bad input) without a traceback; --verbose shows it.
+        if args.verbose:
+            raise
+        sys.stderr.write(f"dynatrack {args.command}: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
