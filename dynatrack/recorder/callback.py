@@ -183,9 +183,9 @@ class PatternRecorder(Callback):
     # -- public ---------------------------------------------------------------
     @property
     def run_dir(self) -> str:
-        """The run directory (``<root>/<run_id>``), known once ``fit`` started."""
+        """The run directory (``<root>/<run_id>``), known once training started."""
         if self._loc is None:
-            raise RecorderError("run_dir is known once trainer.fit() has started")
+            raise RecorderError("run_dir is known once trainer.fit() has started training")
         return self._loc.uri
 
     @property
@@ -203,7 +203,9 @@ class PatternRecorder(Callback):
         if stage == "fit":
             self._validate(trainer, pl_module)
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not on_fit_start: Lightning restores loop progress (global_step) and, for
+        # some strategies, callback state only after on_fit_start.
         self._open_run(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

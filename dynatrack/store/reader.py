@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 from dynatrack.analysis.partitions import partition_labels
 from dynatrack.store.fs import RunLocation, StoreError
 from dynatrack.store.manifest import read_manifest
-from dynatrack.store.schema import ANALYSIS, CHECKPOINTS, TABLES, checkpoint_name, parse_part_name
+from dynatrack.store.schema import ANALYSIS, CHECKPOINTS, TABLES, parse_checkpoint_name, parse_part_name
 
 RunError = StoreError
 
@@ -207,25 +207,38 @@ class Run:
         return sorted(int(s) for s in pc.unique(t.column("step")).to_pylist()) if t.num_rows else []
 
     # -- checkpoints and analysis --------------------------------------------
-    def checkpoint_steps(self) -> list[int]:
-        steps = []
+    def _checkpoint_files(self) -> dict[int, dict[int, str]]:
+        out: dict[int, dict[int, str]] = defaultdict(dict)
         for info in self.loc.list_files(CHECKPOINTS, recursive=False):
-            name = info.base_name
-            if name.startswith("step=") and name.endswith(".pt") and name[5:-3].isdigit():
-                steps.append(int(name[5:-3]))
-        return sorted(steps)
+            parsed = parse_checkpoint_name(info.base_name)
+            if parsed is not None:
+                out[parsed[0]][parsed[1]] = info.path
+        return out
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps with saved weights."""
+        return sorted(self._checkpoint_files())
+
+    def checkpoint_path(self, step: int) -> str:
+        """The checkpoint file of ``step``, preferring the attempt whose rows are kept."""
+        files = self._checkpoint_files().get(int(step))
+        if not files:
+            raise RunError(
+                f"run {self.path!r} has no checkpoint for step {step}; checkpointed steps: "
+                f"{self.checkpoint_steps()}. Record with a checkpoint schedule that includes it."
+            )
+        attempts = self.manifest.get("attempts", [{"attempt": 0, "start_step": 0}])
+        owner = max((a["attempt"] for a in attempts if a["start_step"] <= step), default=0)
+        candidates = [a for a in files if a <= owner]
+        return files[max(candidates)] if candidates else files[min(files)]
 
     def checkpoint(self, step: int) -> dict[str, Any]:
         """The weights at ``step`` (``torch.load(..., weights_only=True)``)."""
         import torch
 
-        rel = f"{CHECKPOINTS}/{checkpoint_name(step)}"
-        if not self.loc.exists(rel):
-            raise RunError(
-                f"run {self.path!r} has no checkpoint for step {step}; checkpointed steps: "
-                f"{self.checkpoint_steps()}. Record with a checkpoint schedule that includes it."
-            )
-        return torch.load(io.BytesIO(self.loc.read_bytes(rel)), map_location="cpu", weights_only=True)
+        with self.loc.fs.open_input_stream(self.checkpoint_path(step)) as f:
+            data = f.read()
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     def analysis_path(self, analyzer: str) -> str:
         return self.loc.join(ANALYSIS, f"{analyzer}.parquet")

@@ -73,9 +73,24 @@ CHECKPOINTS = "checkpoints"
 ANALYSIS = "analysis"
 
 
-def checkpoint_name(step: int) -> str:
-    """File name of the weights checkpoint of ``step``: ``step=<s>.pt``."""
-    return f"step={int(step)}.pt"
+def checkpoint_name(step: int, attempt: int | None = None) -> str:
+    """File name of the weights checkpoint of ``step``: ``step=<s>.pt``.
+
+    A resumed attempt that records a step whose checkpoint an earlier attempt
+    already wrote keeps that file and writes ``step=<s>-a<attempt>.pt``.
+    """
+    return f"step={int(step)}.pt" if not attempt else f"step={int(step)}-a{int(attempt)}.pt"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """``(step, attempt)`` of a checkpoint file name (attempt 0 for ``step=<s>.pt``)."""
+    if not (name.startswith("step=") and name.endswith(".pt")):
+        return None
+    core = name[5:-3]
+    step, _, attempt = core.partition("-a")
+    if not step.isdigit() or (attempt and not attempt.isdigit()):
+        return None
+    return int(step), int(attempt or 0)
 
 
 def part_name(attempt: int, seq: int) -> str:

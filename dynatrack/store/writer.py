@@ -108,7 +108,8 @@ class ShardWriter:
     def save_checkpoint(self, step: int, state_dict: Mapping[str, Any]) -> None:
         """Queue ``state_dict`` (already copied to host memory) as ``checkpoints/step=<step>.pt``.
 
-        An existing checkpoint of the same step is kept, never replaced.
+        An existing checkpoint of the same step is kept, never replaced; a resumed
+        attempt writes its own ``step=<s>-a<attempt>.pt`` beside it.
         """
 
         def job() -> None:
@@ -116,9 +117,13 @@ class ShardWriter:
 
             buf = io.BytesIO()
             torch.save(dict(state_dict), buf)
+            data = buf.getvalue()
             rel = f"{CHECKPOINTS}/{checkpoint_name(step)}"
-            if not self.loc.write_bytes_atomic(rel, buf.getvalue()):
-                log.debug("checkpoint %s exists; kept", rel)
+            if self.loc.write_bytes_atomic(rel, data):
+                return
+            if self.attempt and self.loc.write_bytes_atomic(f"{CHECKPOINTS}/{checkpoint_name(step, self.attempt)}", data):
+                return
+            log.debug("checkpoint of step %s exists; kept", step)
 
         self.submit(job)
 

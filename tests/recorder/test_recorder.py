@@ -1,0 +1,236 @@
+"""PatternRecorder in real single-process Trainer runs, checked against independent recomputation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from conftest import TinyNet, assert_signs, loader, make_data, trainer
+from dynatrack import PatternRecorder, open_run, schedules
+from dynatrack.analysis.partitions import partition_labels
+
+
+def manual_preacts(state: dict, x: torch.Tensor, n_hidden: int = 2) -> list[torch.Tensor]:
+    """Pre-activations of TinyNet's hidden layers from a plain float64 matrix forward of the weights."""
+    h, out = x.double(), []
+    for i in range(n_hidden):
+        w, b = state[f"net.{2 * i}.weight"].double(), state[f"net.{2 * i}.bias"].double()
+        z = h @ w.T + b
+        out.append(z)
+        h = torch.relu(z)
+    return out
+
+
+def fit_recorded(tmp_path, data, steps: int = 12, **rec_kw):  # noqa: ANN001, ANN201
+    x, y = data
+    torch.manual_seed(0)
+    model = TinyNet()
+    rec_kw.setdefault("probe", {"train": (x, y), "test": make_data(20, seed=1)})
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="r", **rec_kw)
+    trainer(steps, [rec]).fit(model, loader(x, y))
+    return rec, model, open_run(rec.run_dir)
+
+
+def test_probe_bits_equal_plain_forward_of_checkpointed_weights(tmp_path, data):
+    rec, _, run = fit_recorded(tmp_path, data, steps=12, schedule=schedules.at([0, 5, 11]))
+    x, _ = data
+    test_x, _ = make_data(20, seed=1)
+    assert run.recorded_steps() == [0, 5, 11, 12]  # 12: the final weights (record_final)
+    assert run.checkpoint_steps() == [0, 5, 11, 12]
+    for step in (0, 5, 12):
+        state = run.checkpoint(step)
+        for split, inputs in (("train", x), ("test", test_x)):
+            expected = manual_preacts(state, inputs)
+            for layer, z in zip(["net.1", "net.3"], expected):
+                ids, bits = run.pattern_bits(step, layer, split=split)
+                assert ids.tolist() == list(range(len(inputs)))
+                assert_signs(bits, z)
+    # weights do change between recorded steps, so the comparison is not trivially the same pattern
+    assert not torch.equal(run.checkpoint(0)["net.0.weight"], run.checkpoint(12)["net.0.weight"])
+
+
+def test_n_active_is_popcount_and_row_bytes_match_width(tmp_path, data):
+    _, _, run = fit_recorded(tmp_path, data, steps=3)
+    t = run.patterns()
+    widths = run.widths
+    assert widths == {"net.1": 13, "net.3": 20}
+    for layer, n_active, bits in zip(t.column("layer").to_pylist(), t.column("n_active").to_pylist(),
+                                     t.column("bits").to_pylist()):
+        assert len(bits) == (widths[layer] + 7) // 8
+        assert n_active == sum(bin(b).count("1") for b in bits)
+
+
+def test_neuron_partitions_equal_counts_from_pattern_rows(tmp_path, data):
+    x, y = data
+    _, _, run = fit_recorded(tmp_path, data, steps=6, schedule=schedules.at([0, 4]))
+    neurons = run.neurons().to_pandas()
+    for step in (0, 4, 6):
+        for layer, width in run.widths.items():
+            ids, bits = run.pattern_bits(step, layer, split="train")
+            active = np.unpackbits(bits, axis=1, count=width).astype(bool)
+            labels = y.numpy()[ids]
+            rows = neurons[(neurons.step == step) & (neurons.layer == layer) & (neurons.split == "train")]
+            rows = rows.sort_values("neuron")
+            assert rows.neuron.tolist() == list(range(width))
+            np.testing.assert_array_equal(rows.active.to_numpy(), active.sum(0))
+            assert (rows.n_samples == len(x)).all()
+            by_class = np.stack(rows.active_by_class.to_numpy())
+            naive = np.array([[active[labels == c, j].sum() for c in range(3)] for j in range(width)])
+            np.testing.assert_array_equal(by_class, naive)
+            # labels by hand from the definitions
+            for j, label in enumerate(rows.partition):
+                a = active[:, j]
+                if not a.any():
+                    assert label == "dead"
+                elif a.all():
+                    assert label == "always_on"
+                elif len(set(labels[a])) == 1:
+                    assert label == "class_selective"
+                else:
+                    assert label == "mixed"
+
+
+def test_partition_labels_cover_all_cases():
+    active = np.array([0, 5, 2, 3, 1, 0])
+    n = np.array([5, 5, 5, 5, 5, 0])
+    by_class = np.array([[0, 0], [3, 2], [2, 0], [1, 2], [0, 1], [0, 0]])
+    assert partition_labels(active, n, by_class).tolist() == [
+        "dead", "always_on", "class_selective", "mixed", "class_selective", "empty"]
+    assert partition_labels(active[:5], n[:5], None).tolist() == ["dead", "always_on", "partial", "partial", "partial"]
+
+
+def test_batch_source_rows_match_the_batch_forward(tmp_path, data):
+    x, y = data
+    seen: dict[int, torch.Tensor] = {}
+
+    class Spy(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            seen[trainer.global_step] = batch[-1].clone()
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="b", probe=None, batch_schedule=schedules.every(3),
+                          checkpoint_schedule=schedules.every(3))
+    trainer(10, [rec, Spy()]).fit(model, loader(x, y))
+    run = open_run(rec.run_dir)
+    assert run.recorded_steps("patterns", source="batch") == [0, 3, 6, 9]
+    for step in (0, 3, 6, 9):
+        t = run.patterns(step=step, layer="net.3", source="batch")
+        ids = np.array(t.column("sample_id").to_pylist())
+        assert sorted(ids.tolist()) == sorted(seen[step].tolist())
+        z = manual_preacts(run.checkpoint(step), x[torch.as_tensor(ids)])[1]
+        got = np.stack([np.frombuffer(b, np.uint8) for b in t.column("bits").to_pylist()])
+        assert_signs(got, z)
+    steps = run.steps().to_pandas()
+    assert set(steps.step) >= {0, 3, 6, 9}
+    assert (steps.batch_size == 16).all() and np.isfinite(steps.loss).all() and (steps.grad_norm > 0).all()
+
+
+def test_batch_source_without_ids_is_a_clear_error(tmp_path, data):
+    x, y = data
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="noid", batch_schedule=schedules.every(1))
+    with pytest.raises(ValueError, match="IndexedDataset"):
+        trainer(3, [rec]).fit(TinyNet(), loader(x, y, indexed=False))
+
+
+def test_train_mode_restored_and_probe_in_eval(tmp_path, data):
+    x, y = data
+    modes: list[tuple[bool, bool]] = []
+
+    class Dropped(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+            self.drop.eval()  # a submodule deliberately frozen in eval: must stay so
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            modes.append((self.training, self.drop.training))
+            return self.net(self.drop(x))
+
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="m", probe=(x, y), schedule=schedules.every(2))
+    model = Dropped()
+    trainer(4, [rec]).fit(model, loader(x, y))
+    # probe forwards run in eval mode, training forwards in train mode with drop still eval
+    assert (False, False) in modes and (True, False) in modes
+    assert all(not d for _, d in modes)
+    # probe forwards are deterministic: eval mode disables dropout
+    run = open_run(rec.run_dir)
+    ids, bits = run.pattern_bits(0, "net.1")
+    assert_signs(bits, manual_preacts(run.checkpoint(0), x)[0])
+
+
+def test_duckdb_reads_the_run_directory_without_dynatrack(tmp_path, data):
+    duckdb = pytest.importorskip("duckdb")
+    _, _, run = fit_recorded(tmp_path, data, steps=5, batch_schedule=schedules.every(2))
+    root = run.path
+    con = duckdb.connect()
+    rows = con.execute(
+        f"SELECT step, layer, split, source, COUNT(*), COUNT(DISTINCT bits), SUM(n_active) "
+        f"FROM read_parquet('{root}/patterns/*/*.parquet', hive_partitioning = true) GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    t = run.patterns().to_pandas()
+    expected = sorted(
+        (int(k[0]), k[1], k[2], k[3], len(g), g.bits.nunique(), int(g.n_active.sum()))
+        for k, g in t.groupby(["step", "layer", "split", "source"])
+    )
+    assert [tuple(r) for r in rows] == expected
+    ranks = con.execute(f"SELECT DISTINCT rank FROM read_parquet('{root}/steps/*/*.parquet', hive_partitioning=true)").fetchall()
+    assert ranks == [(0,)]
+
+
+def test_shared_activation_module_and_non_sequential_model(tmp_path, data):
+    x, y = data
+
+    class Block(torch.nn.Module):
+        def __init__(self, d: int, h: int) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(d, h)
+
+    class Custom(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleDict({"a": Block(5, 9), "b": Block(9, 7)})
+            self.act = torch.nn.LeakyReLU(0.2)  # one module, called twice per forward
+            self.head = torch.nn.Linear(7, 3)
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return self.head(self.act(self.blocks["b"].fc(self.act(self.blocks["a"].fc(x)))))
+
+    torch.manual_seed(1)
+    model = Custom()
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="c", probe=(x, y), layers=["act"],
+                          schedule=schedules.at([0]))
+    trainer(2, [rec]).fit(model, loader(x, y))
+    run = open_run(rec.run_dir)
+    assert run.widths == {"act@0": 9, "act@1": 7}
+    st = run.checkpoint(0)
+    z1 = x @ st["blocks.a.fc.weight"].T + st["blocks.a.fc.bias"]
+    z2 = torch.nn.functional.leaky_relu(z1, 0.2) @ st["blocks.b.fc.weight"].T + st["blocks.b.fc.bias"]
+    for layer, z in (("act@0", z1), ("act@1", z2)):
+        _, bits = run.pattern_bits(0, layer)
+        assert_signs(bits, z)
+
+
+def test_gelu_records_gate_sign_and_scalar_output_sign(tmp_path):
+    x, y = make_data(40, classes=2)
+    torch.manual_seed(2)
+    model = TinyNet(hidden=(6,), d_out=1, act="gelu")
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="g", probe=(x, y), schedule=schedules.at([0]))
+    trainer(1, [rec]).fit(model, loader(x, y))
+    run = open_run(rec.run_dir)
+    st = run.checkpoint(0)
+    z = x @ st["net.0.weight"].T + st["net.0.bias"]
+    _, bits = run.pattern_bits(0, "net.1")
+    assert_signs(bits, z)
+    n = run.neurons(step=0).to_pandas().query("split == 'train'").sort_values("neuron")
+    np.testing.assert_array_equal(n.out_sign.to_numpy(), torch.sign(st["net.2.weight"][0]).numpy())
+
+
+def test_pyarrow_filesystem_uri_root(tmp_path, data):
+    x, y = data
+    rec = PatternRecorder(f"file://{tmp_path}/uri-root", run_name="u", probe=(x, y), schedule=schedules.at([0]))
+    trainer(2, [rec]).fit(TinyNet(), loader(x, y))
+    assert (tmp_path / "uri-root" / "u" / "manifest.json").exists()
+    assert open_run(f"file://{tmp_path}/uri-root/u").recorded_steps() == [0, 2]

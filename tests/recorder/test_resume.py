@@ -1,0 +1,95 @@
+"""Resuming from a Lightning checkpoint into the same run directory: no duplicate, no missing step, nothing overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import TinyNet, assert_signs, loader, make_data, trainer
+from dynatrack import PatternRecorder, open_run, schedules
+
+
+def snapshot(run_dir) -> dict[str, str]:  # noqa: ANN001
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in run_dir.rglob("*") if p.is_file() and p.name != "manifest.json"}
+
+
+def recorder(root, x, y) -> PatternRecorder:  # noqa: ANN001
+    return PatternRecorder(str(root), run_name="res", probe=(x, y), schedule=schedules.every(2),
+                           batch_schedule=schedules.every(3))
+
+
+def assert_no_duplicates_no_gaps(run, max_step: int) -> None:  # noqa: ANN001
+    t = run.patterns(source="probe").to_pandas()
+    counts = t.groupby(["step", "layer", "sample_id"]).size()
+    assert (counts == 1).all(), "duplicate probe rows"
+    expected = sorted(set(range(0, max_step + 1, 2)) | {max_step})
+    assert sorted(t.step.unique()) == expected
+    b = run.patterns(source="batch").to_pandas()
+    assert sorted(b.step.unique()) == list(range(0, max_step, 3))
+    assert (b.groupby(["step", "layer", "sample_id"]).size() == 1).all()
+    s = run.steps().to_pandas()
+    assert (s.groupby("step").size() == 1).all()
+    sched = schedules.union([schedules.every(2), schedules.every(3)])
+    assert sorted(s.step) == [k for k in range(max_step) if sched(k)]
+
+
+def test_clean_resume_continues_the_run(tmp_path, data):
+    x, y = data
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    torch.manual_seed(0)
+    trainer(10, [recorder(tmp_path / "runs", x, y), ckpt], enable_checkpointing=True).fit(TinyNet(), loader(x, y))
+    run_dir = tmp_path / "runs" / "res"
+    before = snapshot(run_dir)
+    trainer(20, [recorder(tmp_path / "runs", x, y), ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+            enable_checkpointing=True).fit(TinyNet(), loader(x, y), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    after = snapshot(run_dir)
+    assert all(after.get(k) == v for k, v in before.items()), "a file of the first attempt changed or vanished"
+    run = open_run(run_dir)
+    assert [a["start_step"] for a in run.manifest["attempts"]] == [0, 10]
+    assert_no_duplicates_no_gaps(run, 20)
+
+
+class Crash(Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_a_crash_drops_the_superseded_rows(tmp_path, data):
+    x, y = data
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer(30, [recorder(tmp_path / "runs", x, y), ckpt, Crash(9)], enable_checkpointing=True).fit(
+            TinyNet(), loader(x, y))
+    run_dir = tmp_path / "runs" / "res"
+    before = snapshot(run_dir)
+    crashed = open_run(run_dir)
+    assert 8 in crashed.recorded_steps()  # recorded after the step-6 checkpoint, flushed at the crash
+    ckpt_file = sorted((tmp_path / "ckpt").glob("*step=6*.ckpt"))[0]
+    trainer(14, [recorder(tmp_path / "runs", x, y)]).fit(TinyNet(), loader(x, y), ckpt_path=str(ckpt_file))
+    assert all(snapshot(run_dir).get(k) == v for k, v in before.items())
+    run = open_run(run_dir)
+    assert [a["start_step"] for a in run.manifest["attempts"]] == [0, 6]
+    assert_no_duplicates_no_gaps(run, 14)
+    # the rows kept for step 8 are the resumed attempt's: they match its checkpoint
+    state = run.checkpoint(8)
+    z = x @ state["net.0.weight"].T + state["net.0.bias"]
+    _, bits = run.pattern_bits(8, "net.1")
+    assert_signs(bits, z)
+
+
+def test_state_dict_round_trip():
+    rec = PatternRecorder("runs", probe=make_data(4)[0])
+    rec.load_state_dict({"run_id": "abc", "attempt": 1, "last_step": {"probe": 8}})
+    assert rec._restored == {"run_id": "abc", "attempt": 1, "last_step": {"probe": 8}}
+    assert set(rec.state_dict()) == {"run_id", "attempt", "last_step"}
