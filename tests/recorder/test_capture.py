@@ -1,0 +1,30 @@
+"""Bit packing and layer selection."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dynatrack.recorder.capture import LayerSelectionError, pack_bits, select_layers
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 9, 64, 100])
+def test_pack_bits_equals_numpy_packbits(width):
+    g = torch.Generator().manual_seed(width)
+    active = torch.rand(33, width, generator=g) > 0.5
+    np.testing.assert_array_equal(pack_bits(active).numpy(), np.packbits(active.numpy(), axis=1, bitorder="big"))
+
+
+def test_select_by_type_and_glob_in_forward_order():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.ModuleList([nn.Sequential(nn.Linear(2, 2), nn.GELU()), nn.Sequential(nn.Linear(2, 2), nn.SiLU())])
+            self.tanh = nn.Tanh()
+
+    m = M()
+    assert [n for n, _ in select_layers(m, None)] == ["enc.0.1", "enc.1.1"]
+    assert [n for n, _ in select_layers(m, ["enc.*.1"])] == ["enc.0.1", "enc.1.1"]
+    assert [n for n, _ in select_layers(m, ["tanh"])] == ["tanh"]  # any named module: sign of its input
+    with pytest.raises(LayerSelectionError, match=r"ReLU-family modules: \['enc.0.1', 'enc.1.1'\]"):
+        select_layers(m, ["dec.*"])
