@@ -85,7 +85,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_fit(argv: list[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(args=["fit", *argv], save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    # No SaveConfigCallback: it would write config.yaml into the working directory; the
+    # run's manifest records the model class and init args instead.
+    LightningCLI(args=["fit", *argv], save_config_callback=None, auto_configure_optimizers=False)
     return 0
 
 
