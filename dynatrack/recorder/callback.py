@@ -41,7 +41,7 @@ from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
 from dynatrack.store.fs import RunLocation, StoreError, validate_run_name
 from dynatrack.store.manifest import check_compatible, new_manifest, read_manifest, write_manifest
-from dynatrack.store.schema import MANIFEST, NEURONS, PATTERNS, STEPS
+from dynatrack.store.schema import MANIFEST, NEURONS, PATTERNS, PROBE, PROBE_DIR, STEPS
 from dynatrack.store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -359,8 +359,32 @@ class PatternRecorder(Callback):
         if loc.exists() and loc.list_files(""):
             raise RecorderError(f"{loc.uri!r} exists and is not an empty dynatrack run; refusing to write into it")
         loc.mkdir()
+        self._write_probe(loc)
         write_manifest(loc, wanted, overwrite=False)
         return 0
+
+    def _write_probe(self, loc: RunLocation) -> None:
+        """Store the probe set once (rank 0, at run creation; not on the hot path)."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        for name, split in self.probe.splits.items():
+            n = len(split)
+            flat = split.inputs.detach().to("cpu", torch.float32).reshape(n, -1).numpy()
+            table = pa.table(
+                {
+                    "sample_id": split.sample_ids.numpy(),  # type: ignore[union-attr]
+                    "label": pa.array(split.labels.numpy() if split.labels is not None else [None] * n, pa.int64()),
+                    "input": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]).cast(
+                        pa.list_(pa.float32())
+                    ),
+                },
+                schema=PROBE,
+            )
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd")
+            loc.write_bytes_atomic(f"{PROBE_DIR}/{name}.parquet", buf.getvalue())
 
     def _schedules(self) -> dict[str, sch.Schedule]:
         return {"probe": self.schedule, "batch": self.batch_schedule, "neurons": self.neuron_schedule,

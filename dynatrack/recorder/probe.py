@@ -134,7 +134,10 @@ class Probe:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"size": sum(self.sizes.values()), "splits": self.sizes, "num_classes": self.num_classes}
+        first = next(iter(self.splits.values()), None)
+        shape = list(first.inputs.shape[1:]) if first is not None else []
+        return {"size": sum(self.sizes.values()), "splits": self.sizes, "num_classes": self.num_classes,
+                "input_shape": shape}
 
 
 def _split(value: Any, indices: Sequence[int] | None) -> ProbeSplit:

@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 from dynatrack.analysis.partitions import partition_labels
 from dynatrack.store.fs import RunLocation, StoreError
 from dynatrack.store.manifest import read_manifest
-from dynatrack.store.schema import ANALYSIS, CHECKPOINTS, TABLES, parse_checkpoint_name, parse_part_name
+from dynatrack.store.schema import ANALYSIS, CHECKPOINTS, PROBE_DIR, TABLES, parse_checkpoint_name, parse_part_name
 
 RunError = StoreError
 
@@ -239,6 +239,23 @@ class Run:
         with self.loc.fs.open_input_stream(self.checkpoint_path(step)) as f:
             data = f.read()
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    def probe_inputs(self, split: str = "train") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """``(sample_ids, labels or None, inputs float32[n, *input_shape])`` of a probe split."""
+        import pyarrow.parquet as pq
+
+        rel = f"{PROBE_DIR}/{split}.parquet"
+        if not self.loc.exists(rel):
+            raise RunError(f"run {self.path!r} stores no probe split {split!r}; splits: "
+                           f"{sorted((self.manifest.get('probe') or {}).get('splits', {}))}")
+        with self.loc.fs.open_input_file(self.loc.join(rel)) as f:
+            t = pq.read_table(f)
+        ids = t.column("sample_id").to_numpy()
+        labels = t.column("label")
+        lab = None if labels.null_count == len(labels) else labels.to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = t.column("input").combine_chunks().flatten().to_numpy().astype(np.float32)
+        shape = (self.manifest.get("probe") or {}).get("input_shape") or [flat.size // max(len(ids), 1)]
+        return ids, lab, flat.reshape(len(ids), *shape)
 
     def analysis_path(self, analyzer: str) -> str:
         return self.loc.join(ANALYSIS, f"{analyzer}.parquet")

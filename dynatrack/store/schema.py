@@ -64,6 +64,18 @@ NEURONS = pa.schema(
     ]
 )
 
+#: The probe set itself, one file per split (``probe/<split>.parquet``), written
+#: once by rank 0 so weight analyses (regions, local complexity) can run from the
+#: run directory alone. ``input`` is the flattened sample; the manifest's
+#: ``probe.input_shape`` restores its shape.
+PROBE = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("label", pa.int64()),
+        ("input", pa.list_(pa.float32())),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {"patterns": PATTERNS, "steps": STEPS, "neurons": NEURONS}
 
 SOURCES = ("probe", "batch")
@@ -71,6 +83,7 @@ SOURCES = ("probe", "batch")
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
 ANALYSIS = "analysis"
+PROBE_DIR = "probe"
 
 
 def checkpoint_name(step: int, attempt: int | None = None) -> str:

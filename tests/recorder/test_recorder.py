@@ -234,3 +234,16 @@ def test_pyarrow_filesystem_uri_root(tmp_path, data):
     trainer(2, [rec]).fit(TinyNet(), loader(x, y))
     assert (tmp_path / "uri-root" / "u" / "manifest.json").exists()
     assert open_run(f"file://{tmp_path}/uri-root/u").recorded_steps() == [0, 2]
+
+
+def test_probe_set_is_stored_in_the_run(tmp_path, data):
+    x, y = data
+    _, _, run = fit_recorded(tmp_path, data, steps=1)
+    ids, labels, inputs = run.probe_inputs("train")
+    np.testing.assert_array_equal(ids, np.arange(len(x)))
+    np.testing.assert_array_equal(labels, y.numpy())
+    np.testing.assert_array_equal(inputs, x.numpy())
+    tx, ty = make_data(20, seed=1)
+    np.testing.assert_array_equal(run.probe_inputs("test")[2], tx.numpy())
+    assert run.manifest["probe"] == {"size": len(x) + 20, "splits": {"train": len(x), "test": 20},
+                                     "num_classes": 3, "input_shape": [5]}
