@@ -608,6 +608,8 @@ def _model_spec(module: LightningModule) -> dict[str, Any]:
     cls = type(module)
     init_args: dict[str, Any] = {}
     for k, v in dict(getattr(module, "hparams", {}) or {}).items():
+        if k.startswith("_"):  # LightningCLI's _class_path / _instantiator
+            continue
         if isinstance(v, (int, float, str, bool)) or v is None:
             init_args[k] = v
         elif isinstance(v, (list, tuple)) and all(isinstance(i, (int, float, str, bool)) for i in v):

@@ -1,0 +1,340 @@
+"""Run the analyzers over a run directory on Ray, write Parquet, log to W&B.
+
+>>> tables = analyze_run("runs/<run_id>")                       # doctest: +SKIP
+>>> tables = analyze_run("runs/<run_id>", address="auto")       # an existing cluster  # doctest: +SKIP
+
+One Ray task per step range: pattern tasks read all ranks' rows of their steps
+(plus the step before, for churn); weight tasks load each checkpoint once.
+Results of disjoint step ranges are concatenated (every stored column is a
+count or a per-row value), written to ``<run>/analysis/<name>.parquet`` and
+then, separately, logged to W&B: a W&B failure never loses the Parquet results.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dynatrack.parallel.cluster import ray_session
+from dynatrack.parallel.tasks import NETWORK, AnalyzeConfig, pattern_task, weights_task
+from dynatrack.store.fs import RunLocation
+from dynatrack.store.reader import Run, RunError, open_run
+from dynatrack.store.schema import ANALYSIS
+
+log = logging.getLogger(__name__)
+
+
+def plan_step_ranges(steps: Sequence[int], n_tasks: int) -> list[list[int]]:
+    """Split sorted ``steps`` into at most ``n_tasks`` contiguous, near-equal ranges."""
+    steps = sorted(steps)
+    if not steps:
+        return []
+    n_tasks = max(1, min(n_tasks, len(steps)))
+    return [list(part) for part in np.array_split(np.asarray(steps), n_tasks) if len(part)]
+
+
+def write_analysis(run: Run, name: str, table: pa.Table) -> str:
+    """Write ``analysis/<name>.parquet`` atomically; an earlier result is moved, never lost.
+
+    The previous file goes to ``analysis/previous/<name>-<unix time>.parquet``.
+    """
+    loc: RunLocation = run.loc
+    rel = f"{ANALYSIS}/{name}.parquet"
+    if loc.exists(rel):
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = f"{ANALYSIS}/previous/{name}-{stamp}.parquet"
+        k = 1
+        while loc.exists(target):
+            target = f"{ANALYSIS}/previous/{name}-{stamp}-{k}.parquet"
+            k += 1
+        loc.mkdir(f"{ANALYSIS}/previous")
+        loc.fs.move(loc.join(rel), loc.join(target))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    loc.write_bytes_atomic(rel, buf.getvalue())
+    return loc.join(rel)
+
+
+def analyze_run(
+    run_dir: str,
+    *,
+    config: AnalyzeConfig | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    tasks_per_cpu: int = 2,
+    progress: bool = True,
+) -> dict[str, pa.Table]:
+    """Compute the configured analyzers for one run on Ray and write their Parquet files.
+
+    Args:
+        run_dir: the run directory (``<root>/<run_id>``).
+        config: what to compute (:class:`~dynatrack.parallel.tasks.AnalyzeConfig`).
+        address: ``None`` for a local Ray started and stopped here (``num_cpus``
+            respected), or an existing cluster (``"auto"``, ``host:port``).
+        tasks_per_cpu: step ranges per available CPU (load balance vs. overhead).
+
+    Returns the result tables by name (also written to ``<run>/analysis/``).
+    Checks the run, the requested steps and the checkpoints before starting Ray.
+    """
+    cfg = config or AnalyzeConfig()
+    run = open_run(run_dir)
+    pattern_steps, weight_steps = _steps_to_analyze(run, cfg)
+    weight_kinds = [a for a in cfg.analyzers if a in ("regions", "local_complexity")]
+    if weight_kinds and weight_steps:
+        from dynatrack.parallel.tasks import build_model
+
+        build_model(run)  # fail now, with the class named, not inside a Ray task
+        run.probe_inputs(cfg.split)  # and on a run without the stored probe split
+    with ray_session(address, num_cpus=num_cpus):
+        import ray
+
+        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        n_tasks = cpus * tasks_per_cpu
+        pattern_fn = ray.remote(num_cpus=1)(pattern_task)
+        weights_fn = ray.remote(num_cpus=1)(weights_task)
+        refs: list[Any] = []
+        if "patterns" in cfg.analyzers:
+            all_steps = run.recorded_steps("patterns", source="probe")
+            for chunk in plan_step_ranges(pattern_steps, n_tasks):
+                i = all_steps.index(chunk[0])
+                prev = all_steps[i - 1] if i > 0 else None
+                refs.append(pattern_fn.remote(run.path, chunk, prev, cfg.churn))
+        if weight_kinds:
+            cfg_dict = cfg.to_dict()
+            for chunk in plan_step_ranges(weight_steps, n_tasks):
+                refs.append(weights_fn.remote(run.path, chunk, cfg_dict, weight_kinds))
+        parts = _gather(refs, progress)
+    results = _concat(parts)
+    for name, table in results.items():
+        write_analysis(run, name, table)
+    return results
+
+
+def _steps_to_analyze(run: Run, cfg: AnalyzeConfig) -> tuple[list[int], list[int]]:
+    pattern_steps = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
+    ckpt_steps = run.checkpoint_steps()
+    weight_steps = ckpt_steps if any(a in cfg.analyzers for a in ("regions", "local_complexity")) else []
+    if cfg.steps is not None:
+        wanted = sorted(set(int(s) for s in cfg.steps))
+        if "patterns" in cfg.analyzers:
+            missing = sorted(set(wanted) - set(pattern_steps))
+            if missing:
+                raise RunError(f"steps {missing} have no probe patterns in {run.path!r}; recorded: {pattern_steps}")
+            pattern_steps = wanted
+        if weight_steps:
+            missing = sorted(set(wanted) - set(ckpt_steps))
+            if missing:
+                raise RunError(
+                    f"run {run.path!r} has no checkpoint for steps {missing} (checkpointed: {ckpt_steps}); "
+                    "region and local-complexity analyses need the weights of every requested step"
+                )
+            weight_steps = wanted
+    if not pattern_steps and not weight_steps:
+        raise RunError(f"run {run.path!r} has nothing to analyze for {list(cfg.analyzers)} "
+                       "(no probe patterns and no checkpoints)")
+    return pattern_steps, weight_steps
+
+
+def _gather(refs: list[Any], progress: bool) -> list[dict[str, pa.Table]]:
+    """Wait for all tasks (``ray.wait``, not ``ray.get`` in a loop), with a progress bar."""
+    import ray
+
+    if not refs:
+        return []
+    done_parts: dict[Any, dict[str, pa.Table]] = {}
+    pending = list(refs)
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("analyzing", total=len(refs))
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            if bar is not None:
+                bar.update(task, advance=len(ready))
+        values = ray.get(refs)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return list(values)
+
+
+def _concat(parts: list[dict[str, pa.Table]]) -> dict[str, pa.Table]:
+    names: dict[str, list[pa.Table]] = {}
+    for part in parts:
+        for name, table in part.items():
+            names.setdefault(name, []).append(table)
+    out = {}
+    for name, tables in names.items():
+        t = pa.concat_tables(tables)
+        sort = [(c, "ascending") for c in ("step", "layer", "split", "kind", "item", "neuron", "radius", "sample_id")
+                if c in t.column_names]
+        out[name] = t.sort_by(sort)
+    return out
+
+
+# -- what goes to W&B ---------------------------------------------------------------------------------
+
+
+def wandb_views(results: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], dict[str, list[str]], dict[str, pa.Table]]:
+    """Step-indexed series (ratios taken here, at the end) and per-layer summary tables."""
+    views: dict[str, pa.Table] = {}
+    dims: dict[str, list[str]] = {}
+    summaries: dict[str, pa.Table] = {}
+    if "patterns" in results:
+        t = results["patterns"]
+        n = pc.cast(t.column("n_samples"), pa.float64())
+        cn = pc.cast(t.column("churn_samples"), pa.float64())
+        layer = pc.if_else(pc.equal(t.column("layer"), NETWORK), "network", t.column("layer"))
+        views["patterns"] = pa.table({
+            "step": t.column("step"), "layer": layer, "split": t.column("split"),
+            "distinct": t.column("n_distinct"),
+            "distinct_fraction": pc.divide(pc.cast(t.column("n_distinct"), pa.float64()), n),
+            "shared_fraction": pc.divide(pc.cast(t.column("n_shared"), pa.float64()), n),
+            "churn_hamming_mean": pc.divide(pc.cast(t.column("churn_hamming_sum"), pa.float64()), cn),
+            "churn_changed_fraction": pc.divide(pc.cast(t.column("churn_changed"), pa.float64()), cn),
+        })
+        dims["patterns"] = ["layer", "split"]
+        last = pc.max(t.column("step")).as_py()
+        final = t.filter(pc.equal(t.column("step"), last))
+        summaries["patterns_final"] = final.select(["layer", "split", "n_samples", "n_distinct", "n_shared", "width"])
+    if "regions" in results and results["regions"].num_rows:
+        t = results["regions"]
+        g = t.group_by(["step", "kind"]).aggregate([("count", "mean"), ("normalized", "mean")])
+        rows: dict[str, dict[int, float]] = {}
+        for step, kind, c, nrm in zip(*(g.column(k).to_pylist() for k in ("step", "kind", "count_mean", "normalized_mean"))):
+            rows.setdefault(f"{kind}_mean", {})[step] = c
+            rows.setdefault(f"{kind}_normalized", {})[step] = nrm
+        steps = sorted({s for v in rows.values() for s in v})
+        views["regions"] = pa.table({"step": steps, **{k: [v.get(s) for s in steps] for k, v in rows.items()}})
+        dims["regions"] = []
+    if "boundary_distance" in results and results["boundary_distance"].num_rows:
+        t = results["boundary_distance"]
+        g = t.group_by(["step"]).aggregate([("distance", "mean"), ("distance", "approximate_median")])
+        views["boundary"] = pa.table({"step": g.column("step"), "distance_mean": g.column("distance_mean"),
+                                      "distance_median": g.column("distance_approximate_median")})
+        dims["boundary"] = []
+    if "local_complexity" in results and results["local_complexity"].num_rows:
+        t = results["local_complexity"]
+        views["local_complexity"] = pa.table({
+            "step": t.column("step"), "layer": t.column("layer"),
+            "radius": pc.binary_join_element_wise("r=", pc.cast(t.column("radius"), pa.string()), ""),
+            "mean": pc.divide(pc.cast(t.column("lc_sum"), pa.float64()), pc.cast(t.column("n_samples"), pa.float64())),
+        })
+        dims["local_complexity"] = ["layer", "radius"]
+    return views, dims, summaries
+
+
+def log_results(
+    run: Run,
+    results: dict[str, pa.Table],
+    *,
+    mode: str = "offline",
+    project: str = "dynatrack",
+    group: str | None = None,
+    wandb_dir: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> Any:
+    """Log the result tables to W&B (warning on failure; the Parquet files are already written)."""
+    from dynatrack.tracking import log_analysis
+
+    views, dims, summaries = wandb_views(results)
+    if not views:
+        return None
+    return log_analysis(views, dims=dims, run_id=run.run_id, project=project, group=group, mode=mode,  # type: ignore[arg-type]
+                        wandb_dir=wandb_dir, config={"run_dir": run.path, **(config or {})},
+                        summary_tables=summaries)
+
+
+def summary_rows(results: dict[str, pa.Table]) -> list[dict[str, Any]]:
+    """A short per-step summary: whole-network distinct patterns, regions, local complexity."""
+    by_step: dict[int, dict[str, Any]] = {}
+    views, _, _ = wandb_views(results)
+    if "patterns" in views:
+        t = views["patterns"].filter(pc.equal(views["patterns"].column("layer"), "network"))
+        for step, split, d, churn in zip(*(t.column(c).to_pylist() for c in ("step", "split", "distinct", "churn_hamming_mean"))):
+            by_step.setdefault(step, {})[f"distinct ({split})"] = d
+            if split == "train":
+                by_step[step]["churn"] = None if churn is None or (isinstance(churn, float) and math.isnan(churn)) else round(churn, 2)
+    if "regions" in views:
+        t = views["regions"]
+        for col in ("1d_mean", "2d_mean", "2d_normalized"):
+            if col in t.column_names:
+                for step, v in zip(t.column("step").to_pylist(), t.column(col).to_pylist()):
+                    by_step.setdefault(step, {})[col.replace("_", " ")] = None if v is None else round(v, 3)
+    if "local_complexity" in results:
+        t = results["local_complexity"]
+        g = t.group_by(["step", "radius"]).aggregate([("lc_sum", "sum"), ("n_samples", "max")])
+        rmax = pc.max(g.column("radius")).as_py()
+        for step, r, s, n in zip(*(g.column(c).to_pylist() for c in ("step", "radius", "lc_sum_sum", "n_samples_max"))):
+            if r == rmax:
+                by_step.setdefault(step, {})[f"LC r={r:g}"] = round(s / n, 2) if n else None
+    return [{"step": s, **v} for s, v in sorted(by_step.items())]
+
+
+def print_summary_table(results: dict[str, pa.Table], max_rows: int = 14) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = summary_rows(results)
+    if len(rows) > max_rows:
+        keep = sorted(set(np.linspace(0, len(rows) - 1, max_rows).round().astype(int).tolist()))
+        rows = [rows[i] for i in keep]
+    cols = ["step"] + sorted({k for r in rows for k in r if k != "step"})
+    table = Table(title="analysis summary (whole network)")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in cols))
+    Console().print(table)
+
+
+def analyze_and_report(
+    run_dir: str,
+    *,
+    config: AnalyzeConfig | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    wandb_mode: str = "offline",
+    project: str = "dynatrack",
+    group: str | None = None,
+    wandb_dir: str | None = None,
+) -> dict[str, pa.Table]:
+    """:func:`analyze_run`, then W&B logging and a printed summary (what the CLI and the demo do)."""
+    from rich.console import Console
+
+    from dynatrack.tracking import resolve_mode
+
+    resolve_mode(wandb_mode)  # "online" without credentials fails here, before any work  # type: ignore[arg-type]
+    start = time.perf_counter()
+    results = analyze_run(run_dir, config=config, address=address, num_cpus=num_cpus)
+    elapsed = time.perf_counter() - start
+    run = open_run(run_dir)
+    print_summary_table(results)
+    console = Console()
+    console.print(f"analysis of {run.run_id} in {elapsed:.1f} s -> {run.loc.join(ANALYSIS)}/ "
+                  f"({', '.join(sorted(results))})")
+    res = log_results(run, results, mode=wandb_mode, project=project, group=group,
+                      wandb_dir=wandb_dir or run.loc.join(ANALYSIS, "wandb") if _is_local(run) else wandb_dir,
+                      config=(config or AnalyzeConfig()).to_dict())
+    if res is not None:
+        console.print(f"W&B ({res.mode}): {res.run_dir}")
+    return results
+
+
+def _is_local(run: Run) -> bool:
+    import pyarrow.fs as pafs
+
+    return isinstance(run.loc.fs, pafs.LocalFileSystem)

@@ -1,0 +1,335 @@
+"""The work of one Ray task: read a step range of a run, call the pure analyzers.
+
+These are plain functions (no Ray here); :mod:`dynatrack.parallel.analyze`
+turns them into Ray tasks. Each reads what it needs from the run directory
+itself, so only the run path and a step list travel to the worker, and loads
+each checkpoint once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from dynatrack.analysis import patterns as pat
+from dynatrack.store.reader import Run, RunError, open_run
+
+NETWORK = "__network__"  # the layer name of whole-network (concatenated) patterns
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """What to compute. Every field can be set from ``configs/analyze.yaml``."""
+
+    analyzers: tuple[str, ...] = ("patterns", "regions", "local_complexity")
+    split: str = "train"  # probe split for regions / local complexity
+    steps: tuple[int, ...] | None = None  # default: every recorded (patterns) or checkpointed (weights) step
+    n_slices: int = 2  # 2-D slices through three probe samples (first samples of classes 0, 1, 2, ...)
+    n_segments: int = 8  # 1-D segments between pairs of probe samples
+    boundary_samples: int = 128  # probe samples whose distance to the nearest boundary is computed
+    lc_samples: int = 128  # probe samples around which local complexity is counted
+    lc_radii: tuple[float, ...] = (0.01, 0.05, 0.2)
+    lc_directions: int = 8
+    churn: bool = True  # pattern churn and per-neuron flips (needs the previous step's rows too)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.analyzers) - set(ANALYZERS)
+        if unknown:
+            raise ValueError(f"unknown analyzers {sorted(unknown)}; choose from {list(ANALYZERS)}")
+        for name in ("n_slices", "n_segments", "boundary_samples", "lc_samples", "lc_directions"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if any(not r > 0 for r in self.lc_radii):
+            raise ValueError(f"lc_radii must be positive, got {self.lc_radii}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AnalyzeConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        bad = set(d) - known
+        if bad:
+            raise ValueError(f"unknown analysis settings {sorted(bad)}; known: {sorted(known)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ANALYZERS = ("patterns", "regions", "local_complexity")
+
+
+# -- patterns ---------------------------------------------------------------------------
+
+
+def pattern_task(run_dir: str, steps: Sequence[int], prev_step: int | None, churn: bool = True) -> dict[str, pa.Table]:
+    """Distinct counts and churn for ``steps`` (plus churn against ``prev_step`` for the first).
+
+    Reads all ranks' probe rows of those steps (row groups pruned on ``step``).
+    Returns tables ``patterns`` (per step, layer, split: counts) and
+    ``pattern_flips`` (per step, layer, split, neuron: flips since the previous recorded step).
+    """
+    run = open_run(run_dir)
+    prev_step = prev_step if churn else None
+    wanted = sorted(set(steps) | ({prev_step} if prev_step is not None else set()))
+    t = run.table(
+        "patterns",
+        filter=(ds.field("source") == "probe") & ds.field("step").isin(wanted),
+        columns=["step", "layer", "split", "sample_id", "bits"],
+    )
+    return pattern_stats(t, run.widths, steps, prev_step, churn=churn)
+
+
+def _bits_matrix(col: pa.ChunkedArray | pa.Array, nbytes: int) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros((0, nbytes), np.uint8)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8)
+    return data[offsets[0] : offsets[0] + nbytes * len(arr)].reshape(len(arr), nbytes)
+
+
+def pattern_stats(
+    t: pa.Table, widths: dict[str, int], steps: Sequence[int], prev_step: int | None, *, churn: bool = True
+) -> dict[str, pa.Table]:
+    """The pattern analyzer on an in-memory table of probe rows (see :func:`pattern_task`)."""
+    steps = sorted(int(s) for s in steps)
+    all_steps = sorted(set(steps) | ({prev_step} if prev_step is not None else set()))
+    step_col = t.column("step").to_numpy()
+    layer_col = t.column("layer").combine_chunks().dictionary_encode()
+    split_col = t.column("split").combine_chunks().dictionary_encode()
+    layer_names = layer_col.dictionary.to_pylist()
+    split_names = split_col.dictionary.to_pylist()
+    layer_codes = layer_col.indices.to_numpy()
+    split_codes = split_col.indices.to_numpy()
+    ids_col = t.column("sample_id").to_numpy()
+    bits_col = t.column("bits")
+    step_codes = np.searchsorted(np.asarray(all_steps, dtype=np.int64), step_col)
+
+    rows: dict[str, list[Any]] = {k: [] for k in (
+        "step", "layer", "split", "n_samples", "n_distinct", "n_shared",
+        "churn_samples", "churn_changed", "churn_hamming_sum", "width")}
+    flips: dict[str, list[Any]] = {k: [] for k in ("step", "layer", "split", "neuron", "flips")}
+    # per (layer, split, step): sorted (ids, bits), kept for churn and the whole-network patterns
+    per: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+    ordered_layers = [name for name in widths if name in layer_names]
+    for layer in ordered_layers:
+        li = layer_names.index(layer)
+        width = widths[layer]
+        sel = np.flatnonzero(layer_codes == li)
+        if not len(sel):
+            continue
+        bits = _bits_matrix(bits_col.take(pa.array(sel)), (width + 7) // 8)
+        group = step_codes[sel] * len(split_names) + split_codes[sel]
+        counts = pat.distinct_counts(bits, group)
+        for g, n, nd, ns in zip(counts.group, counts.n_samples, counts.n_distinct, counts.n_shared):
+            step = all_steps[int(g) // len(split_names)]
+            split = split_names[int(g) % len(split_names)]
+            if step in steps:
+                _add_count_row(rows, step, layer, split, n, nd, ns, width)
+        if not churn and len(widths) == 1:
+            continue  # nothing else needs the per-group rows
+        order = np.lexsort((ids_col[sel], group))
+        g_sorted = group[order]
+        bounds = np.flatnonzero(np.diff(g_sorted)) + 1
+        for chunk in np.split(order, bounds):
+            if not len(chunk):
+                continue
+            g = int(group[chunk[0]])
+            key = (layer, split_names[g % len(split_names)], all_steps[g // len(split_names)])
+            per[key] = (ids_col[sel][chunk], bits[chunk])
+    # whole network: layers concatenated per sample
+    if len(ordered_layers) > 1:
+        for split in split_names:
+            for step in all_steps:
+                parts = [per.get((layer, split, step)) for layer in ordered_layers]
+                if any(p is None for p in parts):
+                    continue
+                ids, bits, width = pat.concat_layers(parts, [widths[name] for name in ordered_layers])  # type: ignore[arg-type]
+                per[(NETWORK, split, step)] = (ids, bits)
+                if step in steps:
+                    c = pat.distinct_counts(bits)
+                    _add_count_row(rows, step, NETWORK, split, c.n_samples[0], c.n_distinct[0], c.n_shared[0], width)
+    # churn between consecutive recorded steps
+    all_widths = {**widths, NETWORK: sum(widths[name] for name in ordered_layers)}
+    for (layer, split, step), (ids, bits) in list(per.items()) if churn else []:
+        if step not in steps:
+            continue
+        i = all_steps.index(step)
+        before = per.get((layer, split, all_steps[i - 1])) if i > 0 else None
+        k = _row_index(rows, step, layer, split)
+        if before is None:
+            continue
+        common, (ia, ib) = pat.align(before[0], ids)
+        state = pat.churn_update(pat.churn_init(all_widths[layer]), before[1][ia], bits[ib])
+        rows["churn_samples"][k] = state.n_samples
+        rows["churn_changed"][k] = state.n_changed
+        rows["churn_hamming_sum"][k] = state.hamming_sum
+        if layer != NETWORK:
+            w = all_widths[layer]
+            flips["step"].extend([step] * w)
+            flips["layer"].extend([layer] * w)
+            flips["split"].extend([split] * w)
+            flips["neuron"].extend(range(w))
+            flips["flips"].extend(state.flips.tolist())
+    counts_table = pa.table(rows, schema=PATTERN_COUNTS)
+    flips_table = pa.table(flips, schema=PATTERN_FLIPS)
+    return {"patterns": counts_table, "pattern_flips": flips_table}
+
+
+def _add_count_row(rows: dict[str, list[Any]], step: int, layer: str, split: str, n: int, nd: int, ns: int, width: int) -> None:
+    for k, v in (("step", step), ("layer", layer), ("split", split), ("n_samples", int(n)),
+                 ("n_distinct", int(nd)), ("n_shared", int(ns)), ("churn_samples", None),
+                 ("churn_changed", None), ("churn_hamming_sum", None), ("width", int(width))):
+        rows[k].append(v)
+
+
+def _row_index(rows: dict[str, list[Any]], step: int, layer: str, split: str) -> int:
+    for i, (s, l, p) in enumerate(zip(rows["step"], rows["layer"], rows["split"])):
+        if s == step and l == layer and p == split:
+            return i
+    raise KeyError((step, layer, split))
+
+
+PATTERN_COUNTS = pa.schema([
+    ("step", pa.int64()), ("layer", pa.string()), ("split", pa.string()),
+    ("n_samples", pa.int64()), ("n_distinct", pa.int64()), ("n_shared", pa.int64()),
+    ("churn_samples", pa.int64()), ("churn_changed", pa.int64()), ("churn_hamming_sum", pa.int64()),
+    ("width", pa.int64()),
+])
+PATTERN_FLIPS = pa.schema([
+    ("step", pa.int64()), ("layer", pa.string()), ("split", pa.string()), ("neuron", pa.int32()), ("flips", pa.int64()),
+])
+
+
+# -- weights: regions and local complexity ----------------------------------------------------
+
+
+def build_model(run: Run) -> Any:
+    """Rebuild the recorded model from ``manifest.model`` (class path + init args)."""
+    spec = run.manifest.get("model") or {}
+    path = spec.get("class_path", "")
+    module_name, _, cls_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise RunError(
+            f"weight analyses rebuild the model {path!r} from the manifest, but it cannot be imported here "
+            f"({exc}); run the analysis where that class is importable (e.g. ray job submit --working-dir .)"
+        ) from exc
+    try:
+        return cls(**{k: v for k, v in (spec.get("init_args") or {}).items() if not k.startswith("_")})
+    except TypeError as exc:
+        raise RunError(f"cannot rebuild {path} with init_args {spec.get('init_args')}: {exc}; "
+                       "call self.save_hyperparameters() in the LightningModule's __init__") from exc
+
+
+def _probe_points(run: Run, split: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    ids, labels, x = run.probe_inputs(split)
+    return ids, labels, x.reshape(len(x), -1).astype(np.float64)
+
+
+def choose_triples(labels: np.ndarray | None, n: int, count: int, seed: int) -> list[tuple[int, int, int]]:
+    """Hanin & Rolnick's slices: three samples of classes (0, 1, 2), then (3, 4, 5), ...; random without labels."""
+    rng = np.random.default_rng(seed)
+    out: list[tuple[int, int, int]] = []
+    if labels is not None:
+        classes = sorted(set(labels.tolist()))
+        firsts = {c: np.flatnonzero(labels == c) for c in classes}
+        k = 0
+        while len(out) < count and len(classes) >= 3:
+            trio = [classes[(k + j) % len(classes)] for j in range(3)]
+            rep = k // len(classes)
+            if any(rep >= len(firsts[c]) for c in trio):
+                break
+            out.append(tuple(int(firsts[c][rep]) for c in trio))  # type: ignore[arg-type]
+            k += 3
+    while len(out) < count and n >= 3:
+        out.append(tuple(int(i) for i in rng.choice(n, 3, replace=False)))  # type: ignore[arg-type]
+    return out
+
+
+def weights_task(run_dir: str, steps: Sequence[int], config: dict[str, Any], which: Sequence[str]) -> dict[str, pa.Table]:
+    """Regions and/or local complexity for checkpointed ``steps`` (each checkpoint loaded once)."""
+    import torch
+
+    from dynatrack.analysis import local_complexity as lcx
+    from dynatrack.analysis import regions as reg
+
+    torch.set_num_threads(1)
+    cfg = AnalyzeConfig.from_dict(config)
+    run = open_run(run_dir)
+    model = build_model(run)
+    ids, labels, x = _probe_points(run, cfg.split)
+    input_shape = (run.manifest.get("probe") or {}).get("input_shape") or [x.shape[1]]
+    triples = choose_triples(labels, len(x), cfg.n_slices, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    pairs = [tuple(rng.choice(len(x), 2, replace=False)) for _ in range(cfg.n_segments)] if len(x) >= 2 else []
+    b_idx = np.arange(min(cfg.boundary_samples, len(x)))
+    lc_idx = np.arange(min(cfg.lc_samples, len(x)))
+    region_rows: dict[str, list[Any]] = {k: [] for k in REGIONS.names}
+    dist_rows: dict[str, list[Any]] = {k: [] for k in BOUNDARY.names}
+    lc_rows: dict[str, list[Any]] = {k: [] for k in LOCAL_COMPLEXITY.names}
+    for step in steps:
+        model.load_state_dict(run.checkpoint(step))
+        model.eval()
+        if "regions" in which:
+            layers = reg.piecewise_linear_layers(model, input_shape)
+            n_hidden = int(sum(layer.width for layer in reg.hidden_layers(layers)))
+            for k, (i, j) in enumerate(pairs):
+                c = reg.count_regions_1d(layers, x[i], x[j]).count
+                _append(region_rows, step=step, kind="1d", item=k, samples=[int(ids[i]), int(ids[j])],
+                        count=int(c), n_hidden=n_hidden, normalized=float(reg.normalized_count(c, n_hidden, 1)))
+            for k, (a, b, c3) in enumerate(triples):
+                sl = reg.slice_through(x[a], x[b], x[c3])
+                c = reg.count_regions_2d(layers, sl.origin, sl.u1, sl.u2).count
+                _append(region_rows, step=step, kind="2d", item=k, samples=[int(ids[a]), int(ids[b]), int(ids[c3])],
+                        count=int(c), n_hidden=n_hidden, normalized=float(reg.normalized_count(c, n_hidden, 2)))
+            if len(b_idx):
+                bd = reg.distance_to_boundary(layers, x[b_idx])
+                dist_rows["step"].extend([step] * len(b_idx))
+                dist_rows["split"].extend([cfg.split] * len(b_idx))
+                dist_rows["sample_id"].extend(ids[b_idx].tolist())
+                dist_rows["distance"].extend(np.asarray(bd.distance, dtype=np.float64).tolist())
+        if "local_complexity" in which and len(lc_idx) and cfg.lc_directions:
+            xs = torch.as_tensor(x[lc_idx].reshape(len(lc_idx), *input_shape), dtype=torch.float32)
+            p = min(cfg.lc_directions, x.shape[1])
+            with torch.no_grad():
+                res = lcx.local_complexity(lcx.preactivation_fn(model, [l["name"] for l in run.layers if "@" not in l["name"]] or None),
+                                           xs, cfg.lc_radii, p, seed=cfg.seed)
+            for li, layer in enumerate(res.layers):
+                for ri, r in enumerate(res.radii):
+                    _append(lc_rows, step=step, layer=layer, split=cfg.split, radius=float(r),
+                            lc_sum=int(res.counts[li, ri]), n_samples=int(res.n_samples), width=int(res.widths[li]))
+    out = {}
+    if "regions" in which:
+        out["regions"] = pa.table(region_rows, schema=REGIONS)
+        out["boundary_distance"] = pa.table(dist_rows, schema=BOUNDARY)
+    if "local_complexity" in which:
+        out["local_complexity"] = pa.table(lc_rows, schema=LOCAL_COMPLEXITY)
+    return out
+
+
+def _append(rows: dict[str, list[Any]], **values: Any) -> None:
+    for k, v in values.items():
+        rows[k].append(v)
+
+
+REGIONS = pa.schema([
+    ("step", pa.int64()), ("kind", pa.string()), ("item", pa.int32()), ("samples", pa.list_(pa.int64())),
+    ("count", pa.int64()), ("n_hidden", pa.int64()), ("normalized", pa.float64()),
+])
+BOUNDARY = pa.schema([("step", pa.int64()), ("split", pa.string()), ("sample_id", pa.int64()), ("distance", pa.float64())])
+LOCAL_COMPLEXITY = pa.schema([
+    ("step", pa.int64()), ("layer", pa.string()), ("split", pa.string()), ("radius", pa.float64()),
+    ("lc_sum", pa.int64()), ("n_samples", pa.int64()), ("width", pa.int64()),
+])
