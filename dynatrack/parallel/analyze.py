@@ -107,7 +107,7 @@ def analyze_run(
             for chunk in plan_step_ranges(pattern_steps, n_tasks):
                 i = all_steps.index(chunk[0])
                 prev = all_steps[i - 1] if i > 0 else None
-                refs.append(pattern_fn.remote(run.path, chunk, prev, cfg.churn))
+                refs.append(pattern_fn.remote(run.path, chunk, prev, cfg.churn, cfg.network))
         if weight_kinds:
             cfg_dict = cfg.to_dict()
             for chunk in plan_step_ranges(weight_steps, n_tasks):

@@ -39,6 +39,7 @@ class AnalyzeConfig:
     lc_radii: tuple[float, ...] = (0.01, 0.05, 0.2)
     lc_directions: int = 8
     churn: bool = True  # pattern churn and per-neuron flips (needs the previous step's rows too)
+    network: bool = True  # whole-network patterns (all recorded layers concatenated)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,7 +71,9 @@ ANALYZERS = ("patterns", "regions", "local_complexity")
 # -- patterns ---------------------------------------------------------------------------
 
 
-def pattern_task(run_dir: str, steps: Sequence[int], prev_step: int | None, churn: bool = True) -> dict[str, pa.Table]:
+def pattern_task(
+    run_dir: str, steps: Sequence[int], prev_step: int | None, churn: bool = True, network: bool = True
+) -> dict[str, pa.Table]:
     """Distinct counts and churn for ``steps`` (plus churn against ``prev_step`` for the first).
 
     Reads all ranks' probe rows of those steps (row groups pruned on ``step``).
@@ -85,7 +88,7 @@ def pattern_task(run_dir: str, steps: Sequence[int], prev_step: int | None, chur
         filter=(ds.field("source") == "probe") & ds.field("step").isin(wanted),
         columns=["step", "layer", "split", "sample_id", "bits"],
     )
-    return pattern_stats(t, run.widths, steps, prev_step, churn=churn)
+    return pattern_stats(t, run.widths, steps, prev_step, churn=churn, network=network)
 
 
 def _bits_matrix(col: pa.ChunkedArray | pa.Array, nbytes: int) -> np.ndarray:
@@ -99,7 +102,8 @@ def _bits_matrix(col: pa.ChunkedArray | pa.Array, nbytes: int) -> np.ndarray:
 
 
 def pattern_stats(
-    t: pa.Table, widths: dict[str, int], steps: Sequence[int], prev_step: int | None, *, churn: bool = True
+    t: pa.Table, widths: dict[str, int], steps: Sequence[int], prev_step: int | None, *, churn: bool = True,
+    network: bool = True,
 ) -> dict[str, pa.Table]:
     """The pattern analyzer on an in-memory table of probe rows (see :func:`pattern_task`)."""
     steps = sorted(int(s) for s in steps)
@@ -136,7 +140,7 @@ def pattern_stats(
             split = split_names[int(g) % len(split_names)]
             if step in steps:
                 _add_count_row(rows, step, layer, split, n, nd, ns, width)
-        if not churn and len(widths) == 1:
+        if not churn and not (network and len(widths) > 1):
             continue  # nothing else needs the per-group rows
         order = np.lexsort((ids_col[sel], group))
         g_sorted = group[order]
@@ -148,7 +152,7 @@ def pattern_stats(
             key = (layer, split_names[g % len(split_names)], all_steps[g // len(split_names)])
             per[key] = (ids_col[sel][chunk], bits[chunk])
     # whole network: layers concatenated per sample
-    if len(ordered_layers) > 1:
+    if network and len(ordered_layers) > 1:
         for split in split_names:
             for step in all_steps:
                 parts = [per.get((layer, split, step)) for layer in ordered_layers]
