@@ -1,4 +1,4 @@
-"""``dynatrack demo | fit | inspect | analyze``.
+"""``dynatrack demo | fit | analyze | inspect``.
 
 Every command's default root is ``./runs``.
 """
@@ -82,6 +82,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     analyze=not args.no_analyze, seed=args.seed)
 
 
+def load_analyze_config(path: str | None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """``(AnalyzeConfig, ray options, wandb options)`` from a YAML file (``yaml.safe_load``)."""
+    import yaml
+
+    from dynatrack.parallel.tasks import AnalyzeConfig
+
+    if path is None:
+        return AnalyzeConfig(), {}, {}
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with keys analysis, ray, wandb")
+    unknown = set(data) - {"analysis", "ray", "wandb"}
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {sorted(unknown)}; expected analysis, ray, wandb")
+    analysis = {k: v for k, v in (data.get("analysis") or {}).items() if v is not None or k != "steps"}
+    return AnalyzeConfig.from_dict(analysis), dict(data.get("ray") or {}), dict(data.get("wandb") or {})
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from dynatrack.parallel.analyze import analyze_and_report
+
+    cfg, ray_opts, wandb_opts = load_analyze_config(args.config)
+    if args.analyzers:
+        cfg = replace(cfg, analyzers=tuple(args.analyzers.split(",")))
+        cfg.__post_init__()
+    if args.steps:
+        cfg = replace(cfg, steps=tuple(int(s) for s in args.steps.split(",")))
+    analyze_and_report(
+        args.run_dir,
+        config=cfg,
+        address=args.address if args.address is not None else ray_opts.get("address"),
+        num_cpus=args.num_cpus if args.num_cpus is not None else ray_opts.get("num_cpus"),
+        wandb_mode=args.wandb or wandb_opts.get("mode", "offline"),
+        project=args.project or wandb_opts.get("project", "dynatrack"),
+        group=args.group or wandb_opts.get("group"),
+    )
+    return 0
+
+
 def cmd_fit(argv: list[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
@@ -109,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.set_defaults(func=None)
 
+    p = sub.add_parser("analyze", help="pattern counts, exact linear regions, local complexity on Ray; W&B")
+    p.add_argument("run_dir")
+    p.add_argument("--config", default=None, help="YAML with analysis/ray/wandb sections (configs/analyze.yaml)")
+    p.add_argument("--address", default=None, help="Ray cluster ('auto', host:port); default: a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--analyzers", default=None, help="comma list of patterns,regions,local_complexity")
+    p.add_argument("--steps", default=None, help="comma list of steps (default: all recorded)")
+    p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled", "auto"],
+                   help="W&B mode (default offline)")
+    p.add_argument("--project", default=None, help="W&B project (default dynatrack)")
+    p.add_argument("--group", default=None, help="W&B group (experiment name)")
+    p.set_defaults(func=cmd_analyze)
+
     p = sub.add_parser("inspect", help="print what a run directory holds")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -127,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="lightning")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
         # Clear errors (bad run dir, bad input) without a traceback; --verbose shows it.
         if args.verbose:
             raise
