@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dynatrack import IndexedDataset
+from dynatrack import IndexedDataset, PatternRecorder, schedules
+from dynatrack.models import DigitsDataModule, DigitsMLP
 
 os.environ.setdefault("WANDB_SILENT", "true")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -88,3 +90,27 @@ def assert_signs(got_bits: "np.ndarray", z: "torch.Tensor | np.ndarray", tol: fl
     clear = np.abs(z) > tol
     assert clear.mean() > 0.99
     np.testing.assert_array_equal(got[clear], (z > 0)[clear])
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> str:  # noqa: ANN001
+    """A small real run: MLP 64-24-16-10 on digits, probe train+test, 30 steps."""
+    warnings.filterwarnings("ignore")
+    root = tmp_path_factory.mktemp("runs")
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=64)
+    model = DigitsMLP(hidden=[24, 16], lr=1e-2)
+    rec = PatternRecorder(str(root), run_name="digits", probe=dm.probe(), schedule=schedules.at([0, 5, 10, 20]),
+                          rows_per_file=5000)
+    pl.Trainer(accelerator="cpu", devices=1, max_steps=30, callbacks=[rec], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(model, dm)
+    return rec.run_dir
+
+
+@pytest.fixture(scope="session")
+def local_ray():  # noqa: ANN201
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()

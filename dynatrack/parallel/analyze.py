@@ -92,8 +92,15 @@ def analyze_run(
     if weight_kinds and weight_steps:
         from dynatrack.parallel.tasks import build_model
 
-        build_model(run)  # fail now, with the class named, not inside a Ray task
+        model = build_model(run)  # fail now, with the class named, not inside a Ray task
         run.probe_inputs(cfg.split)  # and on a run without the stored probe split
+        if "regions" in weight_kinds:
+            from dynatrack.analysis.regions import piecewise_linear_layers
+
+            model.load_state_dict(run.checkpoint(weight_steps[0]))
+            model.eval()
+            # raises UnsupportedModelError naming the module the region counter cannot handle
+            piecewise_linear_layers(model, (run.manifest.get("probe") or {}).get("input_shape") or [1])
     with ray_session(address, num_cpus=num_cpus):
         import ray
 

@@ -64,7 +64,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, conn
         return
     started = False
     if address is None and os.environ.get("RAY_ADDRESS") is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+        # address="local": always a fresh local instance, never a cluster that `ray start` left running
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, configure_logging=False)
         started = True
     else:
