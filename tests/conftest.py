@@ -107,7 +107,7 @@ def digits_run(tmp_path_factory) -> str:  # noqa: ANN001
     return rec.run_dir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():  # noqa: ANN201
     ray = pytest.importorskip("ray")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,

@@ -33,12 +33,17 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     port, dash = free_port(), free_port()
+    # every port explicit: Ray's fixed defaults (e.g. the dashboard agent's 52365) collide with any other
+    # Ray on the machine, and the head then has "no available agent to submit job"
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                   f"--ray-client-server-port={free_port()}"]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", *agent_ports],
         env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT)
     # ready = a trivial job runs end to end (the job agent can lag behind the dashboard's REST API)
     deadline = time.time() + 120
@@ -52,7 +57,8 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
         time.sleep(2)
     else:
         proc.terminate()
-        pytest.fail("ray head did not come up: " + (tmp / "head.log").read_text()[-3000:])
+        pytest.fail("ray head did not run a job: " + check.stdout[-2000:] + check.stderr[-3000:]
+                    + (tmp / "head.log").read_text()[-1500:])
     yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "token": token}
     proc.terminate()
     try:
