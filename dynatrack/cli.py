@@ -59,6 +59,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     for kind, t in summary["tables"].items():
         tables.add_row(kind, str(t["files"]), f"{t['rows']:,}", _human(t["bytes"]))
     tables.add_row("checkpoints", str(len(summary["checkpoint_steps"])), "", _human(summary["checkpoint_bytes"]))
+    tables.add_row("probe set", "", "", _human(summary.get("probe_bytes", 0)))
+    if summary.get("analysis_bytes"):
+        tables.add_row("analysis", "", "", _human(summary["analysis_bytes"]))
     console.print(tables)
     console.print(f"total on disk: {_human(summary['total_bytes'])}")
 

@@ -42,8 +42,7 @@ def test_fit_from_config_then_inspect(tmp_path):
     rows = run.patterns().num_rows
     assert summary["tables"]["patterns"]["rows"] == rows == 12 * 3 * 1797 + 1 * 3 * 64  # probe + batch at 0
     assert summary["layers"] == [{"name": f"net.body.{i}", "width": 64} for i in (1, 3, 5)]
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "runs" / "cfg").rglob("*") if p.is_file()
-                  and p.name != "manifest.json")
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "runs" / "cfg").rglob("*") if p.is_file())
     assert summary["total_bytes"] == on_disk
 
     text = dynatrack("inspect", str(tmp_path / "runs" / "cfg"), cwd=tmp_path).stdout

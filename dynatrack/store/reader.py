@@ -289,7 +289,9 @@ class Run:
             "attempts": self.manifest.get("attempts"),
             "tables": tables,
             "checkpoint_bytes": ckpt_bytes,
-            "total_bytes": sum(t["bytes"] for t in tables.values()) + ckpt_bytes,
+            "probe_bytes": sum(i.size for i in self.loc.list_files(PROBE_DIR)),
+            "analysis_bytes": sum(i.size for i in self.loc.list_files(ANALYSIS)),
+            "total_bytes": sum(i.size for i in self.loc.list_files("")),
         }
 
 
