@@ -41,30 +41,15 @@ from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
 from dynatrack.store.fs import RunLocation, StoreError, validate_run_name
 from dynatrack.store.manifest import check_compatible, new_manifest, read_manifest, write_manifest
-from dynatrack.store.schema import MANIFEST, NEURONS, PATTERNS, PROBE, PROBE_DIR, STEPS
+from dynatrack.store.rows import PatternChunk
+from dynatrack.store.schema import MANIFEST, NEURONS, PROBE, PROBE_DIR
 from dynatrack.store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
-
 
 class RecorderError(ValueError):
     """The recorder cannot run as configured."""
-
-
-def popcount_rows(bits: np.ndarray) -> np.ndarray:
-    """Number of set bits per row of a uint8 ``[n, b]`` array."""
-    return _POPCOUNT[bits].sum(axis=1, dtype=np.int32) if bits.size else np.zeros(len(bits), np.int32)
-
-
-def binary_column(rows: np.ndarray) -> pa.Array:
-    """A ``binary`` Arrow array from a uint8 ``[n, b]`` array without a Python loop."""
-    n, b = rows.shape
-    offsets = np.arange(0, (n + 1) * b, b, dtype=np.int32)
-    return pa.Array.from_buffers(
-        pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(rows))]
-    )
 
 
 class PatternRecorder(Callback):
@@ -400,12 +385,16 @@ class PatternRecorder(Callback):
         self._writer.raise_if_failed()
         step = self._step_of_batch = trainer.global_step
         self._record_weights_step(trainer, pl_module, step, final=False)
+        cap = self._capture
+        assert cap is not None
         if self._due("batch", step, self.batch_schedule):
-            assert self._capture is not None
-            self._capture.reset()
-            self._capture.start_forward(keep_bits=True, onehot=None)
-            self._capture.attach()
+            cap.reset()
+            cap.start_forward(keep_bits=True, onehot=None)
+            cap.attach()  # a no-op when the previous step was recorded too
+            cap.enabled = True
             self._batch_active = True
+        elif cap.attached:
+            cap.detach()  # unrecorded steps run without hooks
 
     def _record_weights_step(self, trainer: Trainer, pl_module: LightningModule, step: int, *, final: bool) -> None:
         """Probe patterns, neuron counts and the weights checkpoint of ``step``."""
@@ -431,8 +420,10 @@ class PatternRecorder(Callback):
         pl_module.eval()
         pieces: list[torch.Tensor] = []
         layout: list[tuple[str, str, str, int, int]] = []  # (what, split, layer, rows, cols)
+        was_attached = cap.attached
         try:
             cap.attach()
+            cap.enabled = True
             with torch.no_grad():
                 for split_name, split in self._shard.items():
                     cap.reset()
@@ -451,7 +442,9 @@ class PatternRecorder(Callback):
                             pieces.append(counts)
                             layout.append(("counts", split_name, layer, counts.shape[0], counts.shape[1]))
         finally:
-            cap.detach()
+            cap.enabled = False
+            if not was_attached:
+                cap.detach()
             cap.reset()
             cap.start_forward(keep_bits=True, onehot=None)
             _restore_training(pl_module, was_training)
@@ -479,7 +472,7 @@ class PatternRecorder(Callback):
         layout: list[tuple[str, str, str, int, int]] = []
         ids = None
         if batch_bits:
-            cap.detach()
+            cap.enabled = False
             self._batch_active = False
             ids = self._batch_ids(trainer, batch)
             pieces.append(ids.to(torch.int64).reshape(1, -1).view(torch.uint8).reshape(1, -1))
@@ -689,10 +682,11 @@ def _decode_probe(
 ) -> dict[str, pa.Table]:
     parts = _split_layout(host, event, layout)
     out_sign = next((arr[0] for (what, *_), arr in parts if what == "out_sign"), None)
-    patterns, neurons = [], []
+    patterns: list[PatternChunk] = []
+    neurons = []
     for (what, split, layer, rows, cols), arr in parts:
         if what == "bits":
-            patterns.append(_pattern_table(step, layer, split, "probe", ids[split], arr))
+            patterns.append(PatternChunk(step, layer, split, "probe", ids[split], arr))
         elif what == "counts":
             by_class = arr.T.astype(np.int32)  # [width, C or 1]
             width = by_class.shape[0]
@@ -720,55 +714,28 @@ def _decode_probe(
                     schema=NEURONS,
                 )
             )
-    out = {}
+    out: dict[str, Any] = {}
     if patterns:
-        out["patterns"] = pa.concat_tables(patterns)
+        out["patterns"] = patterns
     if neurons:
         out["neurons"] = pa.concat_tables(neurons)
     return out
-
-
-def _pattern_table(step: int, layer: str, split: str, source: str, ids: np.ndarray, bits: np.ndarray) -> pa.Table:
-    n = len(ids)
-    return pa.table(
-        {
-            "step": np.full(n, step, np.int64),
-            "layer": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [layer]).cast(pa.string()),
-            "sample_id": ids.astype(np.int64, copy=False),
-            "split": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [split]).cast(pa.string()),
-            "source": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [source]).cast(pa.string()),
-            "bits": binary_column(bits),
-            "n_active": popcount_rows(bits),
-        },
-        schema=PATTERNS,
-    )
 
 
 def _decode_batch(
     host: np.ndarray, event: Any, layout: list[tuple[str, str, str, int, int]], meta: dict[str, Any]
 ) -> dict[str, pa.Table]:
     parts = _split_layout(host, event, layout)
-    out: dict[str, pa.Table] = {}
+    out: dict[str, Any] = {}
     ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
     patterns = [
-        _pattern_table(meta["step"], layer, split, "batch", ids, arr)  # type: ignore[arg-type]
+        PatternChunk(meta["step"], layer, split, "batch", ids, arr)  # type: ignore[arg-type]
         for (what, split, layer, _, _), arr in parts
         if what == "bits"
     ]
     if patterns:
-        out["patterns"] = pa.concat_tables(patterns)
+        out["patterns"] = patterns
     scalars = next((arr.reshape(-1).view(np.float32) for (what, *_), arr in parts if what == "scalars"), None)
     if scalars is not None:
-        out["steps"] = pa.table(
-            {
-                "step": [meta["step"]],
-                "epoch": [meta["epoch"]],
-                "loss": [float(scalars[0])],
-                "lr": [meta["lr"]],
-                "batch_size": [meta["batch_size"]],
-                "grad_norm": [float(scalars[1])],
-                "wall_time": [meta["wall_time"]],
-            },
-            schema=STEPS,
-        )
+        out["steps"] = {**meta, "loss": float(scalars[0]), "grad_norm": float(scalars[1])}
     return out

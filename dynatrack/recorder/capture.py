@@ -20,6 +20,7 @@ several layers) is recorded once per call, as ``<name>@0``, ``<name>@1``, ...
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,20 +80,27 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[
     return [(n, m) for n, m in named if n in chosen]
 
 
+_GATHER = 0x8040201008040201 - 2**64  # as a signed int64
+
+
 def pack_bits(active: torch.Tensor) -> torch.Tensor:
     """Pack a bool ``[n, w]`` tensor to uint8 ``[n, ceil(w/8)]`` on its device.
 
     Bit order as ``numpy.packbits(..., bitorder="big")``: neuron j is bit
-    ``7 - j % 8`` of byte ``j // 8``.
+    ``7 - j % 8`` of byte ``j // 8``. Each group of 8 bytes (0/1) is read as one
+    little-endian int64 and multiplied by 0x8040201008040201, which gathers the
+    eight bits into the top byte: one multiply and one shift per output byte.
     """
     n, w = active.shape
+    x = active.view(torch.uint8) if active.dtype == torch.bool else (active != 0).view(torch.uint8)
     pad = (-w) % 8
-    x = active.to(torch.uint8)
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    x = x.view(n, -1, 8)
-    shifts = torch.arange(7, -1, -1, device=x.device, dtype=torch.uint8)
-    return (x << shifts).sum(dim=-1, dtype=torch.uint8)
+    if sys.byteorder != "little":  # the gather trick reads bytes little-endian
+        shifts = torch.arange(7, -1, -1, device=x.device, dtype=torch.uint8)
+        return (x.view(n, -1, 8) << shifts).sum(dim=-1, dtype=torch.uint8)
+    v = x.contiguous().view(torch.int64)
+    return ((v * _GATHER) >> 56).bitwise_and_(0xFF).to(torch.uint8)
 
 
 class Capture:
@@ -113,6 +121,7 @@ class Capture:
         self.counts: dict[str, torch.Tensor] = {}
         self.widths: dict[str, int] = {}
         self.keep_bits = True
+        self.enabled = False  # hooks stay attached across recorded steps; this gates them
         self.onehot: torch.Tensor | None = None  # [C, n] float, or [1, n] ones without labels
 
     @property
@@ -123,6 +132,10 @@ class Capture:
             k = self.calls.get(name, 1)
             out.extend([name] if k == 1 else [f"{name}@{i}" for i in range(k)])
         return out
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
 
     def attach(self) -> None:
         if not self._handles:
@@ -145,6 +158,8 @@ class Capture:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self.enabled:
+                return
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return

@@ -10,6 +10,7 @@ training process by :meth:`ShardWriter.raise_if_failed`.
 
 >>> import tempfile, pyarrow as pa
 >>> from dynatrack.store.fs import RunLocation
+from dynatrack.store.rows import build, item_rows
 >>> from dynatrack.store.schema import STEPS
 >>> loc = RunLocation.create(tempfile.mkdtemp(), "w")
 >>> w = ShardWriter(loc, rank=0, attempt=0)
@@ -36,11 +37,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dynatrack.store.fs import RunLocation
+from dynatrack.store.rows import build, item_rows
 from dynatrack.store.schema import CHECKPOINTS, TABLES, checkpoint_name, parse_part_name, part_name
 
 log = logging.getLogger(__name__)
 
-Job = Callable[[], Mapping[str, pa.Table] | None]
+Job = Callable[[], Mapping[str, Any] | None]
 _STOP = object()
 _FLUSH = "flush"
 
@@ -82,7 +84,7 @@ class ShardWriter:
         self.max_buffer_seconds = max_buffer_seconds
         self.row_group_rows = row_group_rows
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._buffers: dict[str, list[pa.Table]] = {k: [] for k in TABLES}
+        self._buffers: dict[str, list[Any]] = {k: [] for k in TABLES}
         self._buffered_rows: dict[str, int] = {k: 0 for k in TABLES}
         self._buffer_since: dict[str, float | None] = {k: None for k in TABLES}
         self._seq = self._next_seq()
@@ -174,18 +176,23 @@ class ShardWriter:
                     self._write_all()
                     result[1].set()
                     continue
-                for kind, table in (result or {}).items():
-                    self._append(kind, table)
+                for kind, items in (result or {}).items():
+                    for item in items if isinstance(items, list) else [items]:
+                        self._append(kind, item)
                 self._write_old_buffers()
         except BaseException as exc:  # noqa: BLE001 - kept and re-raised in the training thread
             log.error("dynatrack writer thread failed: %r", exc)
             self._error = exc
 
-    def _append(self, kind: str, table: pa.Table) -> None:
-        if table.num_rows == 0:
+    def _append(self, kind: str, item: Any) -> None:
+        """Buffer an Arrow table, a :class:`PatternChunk` or a row dict; built into a table per shard."""
+        n = item_rows(item)
+        if n == 0:
             return
-        self._buffers[kind].append(table.cast(TABLES[kind]))
-        self._buffered_rows[kind] += table.num_rows
+        if isinstance(item, pa.Table) and item.schema != TABLES[kind]:
+            item = item.cast(TABLES[kind])
+        self._buffers[kind].append(item)
+        self._buffered_rows[kind] += n
         if self._buffer_since[kind] is None:
             self._buffer_since[kind] = time.monotonic()
         if self._buffered_rows[kind] >= self.rows_per_file:
@@ -204,7 +211,7 @@ class ShardWriter:
     def _write(self, kind: str) -> None:
         if not self._buffers[kind]:
             return
-        table = pa.concat_tables(self._buffers[kind])
+        table = build(kind, self._buffers[kind])
         rel_dir = f"{kind}/rank={self.rank}"
         name = part_name(self.attempt, self._seq)
         self._seq += 1
