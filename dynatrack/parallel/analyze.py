@@ -87,7 +87,8 @@ def analyze_run(
     """
     cfg = config or AnalyzeConfig()
     run = open_run(run_dir)
-    pattern_steps, weight_steps = _steps_to_analyze(run, cfg)
+    recorded = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
+    pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded)
     weight_kinds = [a for a in cfg.analyzers if a in ("regions", "local_complexity")]
     if weight_kinds and weight_steps:
         from dynatrack.parallel.tasks import build_model
@@ -104,13 +105,15 @@ def analyze_run(
     with ray_session(address, num_cpus=num_cpus):
         import ray
 
-        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        # cluster_resources: available_resources() often lacks "CPU" right after earlier tasks
+        # finished (a warm Ray), which planned tasks for a single CPU
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_tasks = cpus * tasks_per_cpu
         pattern_fn = ray.remote(num_cpus=1)(pattern_task)
         weights_fn = ray.remote(num_cpus=1)(weights_task)
         refs: list[Any] = []
         if "patterns" in cfg.analyzers:
-            all_steps = run.recorded_steps("patterns", source="probe")
+            all_steps = recorded
             for chunk in plan_step_ranges(pattern_steps, n_tasks):
                 i = all_steps.index(chunk[0])
                 prev = all_steps[i - 1] if i > 0 else None
@@ -126,8 +129,8 @@ def analyze_run(
     return results
 
 
-def _steps_to_analyze(run: Run, cfg: AnalyzeConfig) -> tuple[list[int], list[int]]:
-    pattern_steps = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
+def _steps_to_analyze(run: Run, cfg: AnalyzeConfig, recorded: list[int]) -> tuple[list[int], list[int]]:
+    pattern_steps = list(recorded) if "patterns" in cfg.analyzers else []
     ckpt_steps = run.checkpoint_steps()
     weight_steps = ckpt_steps if any(a in cfg.analyzers for a in ("regions", "local_complexity")) else []
     if cfg.steps is not None:

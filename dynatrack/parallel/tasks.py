@@ -83,10 +83,17 @@ def pattern_task(
     run = open_run(run_dir)
     prev_step = prev_step if churn else None
     wanted = sorted(set(steps) | ({prev_step} if prev_step is not None else set()))
+    # A step range, not isin: row groups whose statistics lie inside it skip the filter
+    # kernel (isin filters and copies every row); pattern_stats drops the rows of
+    # unwanted steps inside the range. sample_id only for churn / whole-network patterns.
+    expr = (ds.field("step") >= wanted[0]) & (ds.field("step") <= wanted[-1])
+    if not run.only_value("patterns", "source", "probe"):
+        expr = (ds.field("source") == "probe") & expr
     t = run.table(
         "patterns",
-        filter=(ds.field("source") == "probe") & ds.field("step").isin(wanted),
-        columns=["step", "layer", "split", "sample_id", "bits"],
+        filter=expr,
+        columns=["step", "layer", "split", *(["sample_id"] if churn or network else []), "bits"],
+        dictionary_strings=True,
     )
     return pattern_stats(t, run.widths, steps, prev_step, churn=churn, network=network)
 
@@ -109,13 +116,18 @@ def pattern_stats(
     steps = sorted(int(s) for s in steps)
     all_steps = sorted(set(steps) | ({prev_step} if prev_step is not None else set()))
     step_col = t.column("step").to_numpy()
+    keep = np.isin(step_col, np.asarray(all_steps, dtype=np.int64))
+    if not keep.all():  # rows of other steps inside the range that pattern_task read
+        t = t.filter(pa.array(keep))
+        step_col = step_col[keep]
+    # dictionary_encode() returns a DictionaryArray (as read with dictionary_strings=True) unchanged
     layer_col = t.column("layer").combine_chunks().dictionary_encode()
     split_col = t.column("split").combine_chunks().dictionary_encode()
     layer_names = layer_col.dictionary.to_pylist()
     split_names = split_col.dictionary.to_pylist()
     layer_codes = layer_col.indices.to_numpy()
     split_codes = split_col.indices.to_numpy()
-    ids_col = t.column("sample_id").to_numpy()
+    ids_col = t.column("sample_id").to_numpy() if "sample_id" in t.column_names else None
     bits_col = t.column("bits")
     step_codes = np.searchsorted(np.asarray(all_steps, dtype=np.int64), step_col)
 
@@ -126,6 +138,13 @@ def pattern_stats(
     # per (layer, split, step): sorted (ids, bits), kept for churn and the whole-network patterns
     per: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
     ordered_layers = [name for name in widths if name in layer_names]
+    need_rows = churn or (network and len(ordered_layers) > 1)
+    if not need_rows:
+        # counts only: one distinct_counts per byte width over all its layers, group =
+        # (layer, step, split); no per-layer copy of the bits when all layers share a width
+        _counts_by_width(rows, t, widths, layer_names, layer_codes, step_codes * len(split_names) + split_codes,
+                         all_steps, steps, split_names)
+        ordered_layers = []
     for layer in ordered_layers:
         li = layer_names.index(layer)
         width = widths[layer]
@@ -140,7 +159,7 @@ def pattern_stats(
             split = split_names[int(g) % len(split_names)]
             if step in steps:
                 _add_count_row(rows, step, layer, split, n, nd, ns, width)
-        if not churn and not (network and len(widths) > 1):
+        if not need_rows:
             continue  # nothing else needs the per-group rows
         order = np.lexsort((ids_col[sel], group))
         g_sorted = group[order]
@@ -188,6 +207,32 @@ def pattern_stats(
     counts_table = pa.table(rows, schema=PATTERN_COUNTS)
     flips_table = pa.table(flips, schema=PATTERN_FLIPS)
     return {"patterns": counts_table, "pattern_flips": flips_table}
+
+
+def _counts_by_width(
+    rows: dict[str, list[Any]], t: pa.Table, widths: dict[str, int], layer_names: list[str], layer_codes: np.ndarray,
+    step_split: np.ndarray, all_steps: list[int], steps: list[int], split_names: list[str],
+) -> None:
+    n_ss = len(all_steps) * len(split_names)
+    by_bytes: dict[int, list[int]] = {}
+    for li, name in enumerate(layer_names):
+        if name in widths:
+            by_bytes.setdefault((widths[name] + 7) // 8, []).append(li)
+    bits_col = t.column("bits")
+    for nbytes, lis in by_bytes.items():
+        if len(lis) == len(layer_names):  # every row has this width: the bits as stored, no gather
+            sel, bits = None, _bits_matrix(bits_col, nbytes)
+        else:
+            sel = np.flatnonzero(np.isin(layer_codes, lis))
+            bits = _bits_matrix(bits_col.take(pa.array(sel)), nbytes)
+        group = layer_codes.astype(np.int64) * n_ss + step_split
+        counts = pat.distinct_counts(bits, group if sel is None else group[sel])
+        for g, n, nd, ns in zip(counts.group.tolist(), counts.n_samples.tolist(), counts.n_distinct.tolist(),
+                                counts.n_shared.tolist()):
+            li, rest = divmod(g, n_ss)
+            step, split = all_steps[rest // len(split_names)], split_names[rest % len(split_names)]
+            if step in steps:
+                _add_count_row(rows, step, layer_names[li], split, n, nd, ns, widths[layer_names[li]])
 
 
 def _add_count_row(rows: dict[str, list[Any]], step: int, layer: str, split: str, n: int, nd: int, ns: int, width: int) -> None:

@@ -84,6 +84,8 @@ class PatternRecorder(Callback):
         seed: stored in the manifest (default: ``torch.initial_seed()``).
         max_queue: bound of the writer queue (back-pressure when full).
         rows_per_file: rows buffered per shard file.
+        submit_every: recorded training steps handed to the writer thread at once
+            (their host copies wait in memory until then).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class PatternRecorder(Callback):
         seed: int | None = None,
         max_queue: int = 16,
         rows_per_file: int = 1_000_000,
+        submit_every: int = 16,
     ) -> None:
         super().__init__()
         if run_name is not None:
@@ -115,6 +118,9 @@ class PatternRecorder(Callback):
                          ("steps_schedule", steps_schedule)):
             if s is not None and not callable(s):
                 raise RecorderError(f"{label} must be a callable step -> bool (see dynatrack.schedules), got {s!r}")
+        if submit_every < 1 or max_queue < 1 or rows_per_file < 1:
+            raise RecorderError(
+                f"submit_every, max_queue and rows_per_file must be >= 1, got {submit_every}, {max_queue}, {rows_per_file}")
         if probe_batch_size < 1:
             raise RecorderError(f"probe_batch_size must be >= 1, got {probe_batch_size}")
         if sample_ids is not None and not callable(sample_ids):
@@ -147,6 +153,8 @@ class PatternRecorder(Callback):
         self.seed = seed
         self.max_queue = max_queue
         self.rows_per_file = rows_per_file
+        self.submit_every = submit_every
+        self._pending: list[Callable[[], dict[str, Any]]] = []
         # set up in setup()/on_fit_start()
         self.run_id: str | None = None
         self.attempt = 0
@@ -209,6 +217,7 @@ class PatternRecorder(Callback):
         # Rows up to the checkpointed step must be on disk before the checkpoint
         # claims them, or a crash-and-resume would miss steps.
         if self._writer is not None:
+            self._submit_pending()
             self._writer.flush()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -410,6 +419,7 @@ class PatternRecorder(Callback):
         if ckpt:
             if self._rank == 0:
                 assert self._writer is not None
+                self._submit_pending()
                 self._writer.save_checkpoint(step, _host_state_dict(pl_module))
             self._last_step["checkpoint"] = step
 
@@ -456,7 +466,8 @@ class PatternRecorder(Callback):
         ids = {name: s.sample_ids.numpy() for name, s in self._shard.items()}  # type: ignore[union-attr]
         n_classes = self.probe.num_classes
         last_layer = list(self._widths)[-1] if self._widths else None
-        self._writer.submit(lambda: _decode_probe(host, event, layout, step, ids, n_classes, last_layer))
+        self._pending.append(lambda: _decode_probe(host, event, layout, step, ids, n_classes, last_layer))
+        self._submit_pending()
 
     def _after_step(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
         if self._writer is None:
@@ -505,7 +516,29 @@ class PatternRecorder(Callback):
         }
         host, event = _to_host(pieces)
         assert self._writer is not None
-        self._writer.submit(lambda: _decode_batch(host, event, layout, meta))
+        self._pending.append(lambda: _decode_batch(host, event, layout, meta))
+        if len(self._pending) >= self.submit_every:
+            self._submit_pending()
+
+    def _submit_pending(self) -> None:
+        """Hand the recorded steps kept since the last hand-off to the writer as one job.
+
+        Per-step records are handed over every ``submit_every`` steps (and at probe
+        steps, checkpoints and the end), so the writer thread wakes rarely and holds
+        the GIL in few, larger slices.
+        """
+        if not self._pending or self._writer is None:
+            return
+        jobs, self._pending = self._pending, []
+
+        def run_all() -> dict[str, list[Any]]:
+            merged: dict[str, list[Any]] = {}
+            for job in jobs:
+                for kind, items in job().items():
+                    merged.setdefault(kind, []).extend(items if isinstance(items, list) else [items])
+            return merged
+
+        self._writer.submit(run_all)
 
     def _batch_ids(self, trainer: Trainer, batch: Any) -> torch.Tensor:
         if self.sample_ids_fn is not None:
@@ -527,9 +560,14 @@ class PatternRecorder(Callback):
     def _close(self, *, raise_errors: bool) -> None:
         if self._capture is not None:
             self._capture.detach()
-        writer, self._writer = self._writer, None
-        if writer is None:
+        if self._writer is None:
             return
+        try:
+            self._submit_pending()
+        except Exception:
+            if raise_errors:
+                raise
+        writer, self._writer = self._writer, None
         try:
             writer.close()
         except Exception:

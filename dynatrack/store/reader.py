@@ -107,10 +107,29 @@ class Run:
         return cut
 
     # -- tables ----------------------------------------------------------------
-    def table(self, kind: str, *, filter: ds.Expression | None = None, columns: list[str] | None = None) -> pa.Table:
-        """One table over all ranks, with a ``rank`` column, superseded rows dropped."""
+    def table(
+        self,
+        kind: str,
+        *,
+        filter: ds.Expression | None = None,
+        columns: list[str] | None = None,
+        dictionary_strings: bool = False,
+    ) -> pa.Table:
+        """One table over all ranks, with a ``rank`` column, superseded rows dropped.
+
+        ``dictionary_strings=True`` returns the string columns (layer, split, source, ...)
+        dictionary-encoded as Parquet stores them: no per-row string decoding, and filters
+        on them compare dictionary codes.
+        """
         files = self.files(kind)
         schema = TABLES[kind]
+        fmt: Any = "parquet"
+        if dictionary_strings:
+            strings = [f.name for f in schema if pa.types.is_string(f.type)]
+            schema = pa.schema(
+                [pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in strings else f for f in schema]
+            )
+            fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=strings))
         cutoffs = self._cutoffs()
         groups: dict[tuple[int, int], list[str]] = defaultdict(list)
         for f in files:
@@ -122,13 +141,37 @@ class Run:
             if cut != float("inf"):
                 keep = ds.field("step") < int(cut)
                 expr = keep if expr is None else (expr & keep)
-            dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=self.loc.fs)
+            dataset = ds.dataset(paths, schema=schema, format=fmt, filesystem=self.loc.fs)
             t = dataset.to_table(filter=expr, columns=columns)
             parts.append(t.append_column("rank", pa.array(np.full(t.num_rows, rank, dtype=np.int32))))
         if not parts:
             cols = [schema.field(c) for c in (columns or schema.names)]
             return pa.schema([*cols, pa.field("rank", pa.int32())]).empty_table()
         return pa.concat_tables(parts)
+
+    def only_value(self, kind: str, column: str, value: Any) -> bool:
+        """True when the Parquet statistics prove that every row of ``kind`` holds ``value`` in
+        ``column`` (min = max = value and no nulls in every row group), so a filter
+        ``column == value`` selects everything and can be left out: evaluating it means
+        reading and comparing the column, about a fifth of the cost of reading the patterns.
+        Reads only the shard footers.
+        """
+        import pyarrow.parquet as pq
+
+        files = self.files(kind)
+        if not files:
+            return False
+        for f in files:
+            with self.loc.fs.open_input_file(f.path) as fh:
+                md = pq.ParquetFile(fh).metadata
+            idx = md.schema.to_arrow_schema().get_field_index(column)
+            if idx < 0:
+                return False
+            for i in range(md.num_row_groups):
+                st = md.row_group(i).column(idx).statistics
+                if st is None or not st.has_min_max or st.null_count or st.min != value or st.max != value:
+                    return False
+        return True
 
     def patterns(
         self,
@@ -201,7 +244,12 @@ class Run:
     def recorded_steps(self, kind: str = "patterns", **filters: Any) -> list[int]:
         """Sorted distinct steps present in a table."""
         if kind == "patterns":
-            t = self.patterns(columns=["step"], **filters)
+            expr = None
+            for name, value in filters.items():
+                if value is not None and not self.only_value(kind, name, value):
+                    e = ds.field(name) == value
+                    expr = e if expr is None else expr & e
+            t = self.table(kind, filter=expr, columns=["step"], dictionary_strings=True)
         else:
             t = self.table(kind, columns=["step"])
         return sorted(int(s) for s in pc.unique(t.column("step")).to_pylist()) if t.num_rows else []
