@@ -12,7 +12,7 @@ Anything else: pass ``sample_ids=callable(batch) -> Tensor`` to the recorder.
 >>> import torch
 >>> from torch.utils.data import TensorDataset
 >>> ds = IndexedDataset(TensorDataset(torch.zeros(5, 2), torch.ones(5)))
->>> x, y, i = ds[3]; int(i)
+>>> x, y, i = ds[3]; i
 3
 """
 
@@ -44,7 +44,7 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         item = self.dataset[index]
-        idx = torch.tensor(int(index), dtype=torch.int64)
+        idx = int(index)  # a plain int: the default collate makes one int64 tensor per batch
         if isinstance(item, Mapping):
             return {**item, SAMPLE_ID_KEY: idx}
         if isinstance(item, (tuple, list)):
