@@ -93,3 +93,16 @@ def test_checkpoint_never_overwritten(tmp_path):
 def test_run_name_validation_accepts_reasonable_names():
     for ok in ["run-1", "2026.11.28_a", "A"]:
         assert validate_run_name(ok) == ok
+
+
+def test_patterns_table_from_chunks_equals_a_naive_build():
+    from dynatrack.store.rows import PatternChunk, patterns_table
+
+    rng = np.random.default_rng(0)
+    chunks = [PatternChunk(s, layer, split, src, rng.integers(0, 100, n), rng.integers(0, 256, (n, b), dtype=np.uint8))
+              for s, layer, split, src, n, b in [(0, "a", "train", "probe", 5, 2), (0, "b", "test", "probe", 3, 4),
+                                                  (1, "a", "train", "batch", 0, 2), (2, "b", "train", "batch", 7, 4)]]
+    t = patterns_table(chunks)
+    naive = [(c.step, c.layer, int(i), c.split, c.source, bytes(row), sum(bin(x).count("1") for x in row))
+             for c in chunks for i, row in zip(c.sample_ids, c.bits)]
+    assert list(zip(*(t.column(k).to_pylist() for k in t.column_names))) == naive
