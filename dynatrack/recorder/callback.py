@@ -74,8 +74,8 @@ class PatternRecorder(Callback):
             (default: ``schedule``).
         checkpoint_schedule: steps whose weights are saved to ``checkpoints/step=<s>.pt``
             (default: every step with recorded patterns).
-        steps_schedule: steps with a row in the ``steps`` table (default: the union
-            of the other schedules).
+        steps_schedule: steps with a row in the ``steps`` table (default: the union of
+            the probe, neuron and checkpoint schedules).
         record_final: also record probe patterns, neurons and weights after the last update.
         probe_batch_size: probe chunk size (bounds memory of the probe forward).
         probe_forward: how to run the model on a probe chunk (default ``module(x)``).
@@ -143,8 +143,10 @@ class PatternRecorder(Callback):
         self.checkpoint_schedule: sch.Schedule = (
             checkpoint_schedule if checkpoint_schedule is not None else sch.union([self.schedule, self.batch_schedule])
         )
+        # steps rows (loss, lr, gradient norm) go with the steps whose weights are probed or saved;
+        # the batch source alone does not add them (the gradient norm costs a pass over all grads)
         self.steps_schedule: sch.Schedule = steps_schedule if steps_schedule is not None else sch.union(
-            [self.schedule, self.batch_schedule, self.neuron_schedule, self.checkpoint_schedule]
+            [self.schedule, self.neuron_schedule, self.checkpoint_schedule]
         )
         self.record_final = record_final
         self.probe_batch_size = probe_batch_size
@@ -169,6 +171,7 @@ class PatternRecorder(Callback):
         self._restored: dict[str, Any] | None = None
         self._batch_active = False
         self._step_of_batch = 0
+        self._indexed: bool | None = None
         self._grad_norm: torch.Tensor | None = None
         self._world = 1
         self._rank = 0
@@ -294,6 +297,7 @@ class PatternRecorder(Callback):
     def _open_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Agree on a run id across ranks, create or reopen the run directory."""
         self._world, self._rank = trainer.world_size, trainer.global_rank
+        self._indexed = None
         restored = self._restored or {}
         run_id = restored.get("run_id") or self.run_name or _new_run_id()
         run_id = trainer.strategy.broadcast(run_id, src=0)
@@ -540,12 +544,18 @@ class PatternRecorder(Callback):
 
         self._writer.submit(run_all)
 
+    def _indexed_loader(self, trainer: Trainer) -> bool:
+        """Whether the training batches come from an :class:`IndexedDataset` (looked up once per fit)."""
+        if self._indexed is None:
+            self._indexed = isinstance(getattr(trainer.train_dataloader, "dataset", None), IndexedDataset)
+        return self._indexed
+
     def _batch_ids(self, trainer: Trainer, batch: Any) -> torch.Tensor:
         if self.sample_ids_fn is not None:
             ids = self.sample_ids_fn(batch)
         elif isinstance(batch, Mapping):
             ids = default_sample_ids(batch)
-        elif isinstance(getattr(trainer.train_dataloader, "dataset", None), IndexedDataset):
+        elif self._indexed_loader(trainer):
             ids = default_sample_ids(batch)
         else:
             ids = None
