@@ -702,6 +702,10 @@ def _to_host(pieces: list[torch.Tensor]) -> tuple[np.ndarray, Any]:
 def _split_layout(host: np.ndarray, event: Any, layout: list[tuple[str, str, str, int, int]]) -> list[tuple[tuple[str, str, str, int, int], np.ndarray]]:
     if event is not None:
         event.synchronize()
+    # One copy into memory owned by the writer thread: the step's torch host buffer is freed at
+    # once instead of living (in the training thread's malloc arena) until the shard is written,
+    # which fragments the heap and inflates RSS far beyond the rows kept.
+    host = np.array(host, copy=True)
     out, offset = [], 0
     itemsize = {"bits": 1, "counts": 4, "out_sign": 1, "ids": 1, "scalars": 1}
     for item in layout:
