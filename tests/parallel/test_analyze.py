@@ -183,3 +183,28 @@ def test_previous_results_are_kept_not_overwritten(digits_run, local_ray):
     run = open_run(digits_run)
     previous = [i.base_name for i in run.loc.list_files("analysis/previous")]
     assert any(name.startswith("patterns-") for name in previous)
+
+
+def test_newer_schema_and_online_wandb_without_login_fail_before_any_work(digits_run, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from dynatrack.tracking import TrackingError
+
+    copy = tmp_path / "newer"
+    shutil.copytree(digits_run, copy, ignore=shutil.ignore_patterns("analysis"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["schema_version"] = 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="schema version 2, newer than this dynatrack"):
+        analyze_run(str(copy))
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    start = time.perf_counter()
+    with pytest.raises(TrackingError, match="wandb login"):
+        analyze_and_report(digits_run, config=AnalyzeConfig(analyzers=("patterns",)), wandb_mode="online")
+    assert time.perf_counter() - start < 20
