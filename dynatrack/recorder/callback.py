@@ -26,7 +26,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -86,6 +86,9 @@ class PatternRecorder(Callback):
         rows_per_file: rows buffered per shard file.
         submit_every: recorded training steps handed to the writer thread at once
             (their host copies wait in memory until then).
+        neuron_counts: where per-class neuron counts are computed: ``"device"`` (a one-hot
+            matmul next to the model), ``"writer"`` (from the packed bits on the writer
+            thread), or ``"auto"`` (device on accelerators, writer on CPU).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class PatternRecorder(Callback):
         max_queue: int = 16,
         rows_per_file: int = 1_000_000,
         submit_every: int = 16,
+        neuron_counts: Literal["auto", "device", "writer"] = "auto",
     ) -> None:
         super().__init__()
         if run_name is not None:
@@ -121,6 +125,9 @@ class PatternRecorder(Callback):
         if submit_every < 1 or max_queue < 1 or rows_per_file < 1:
             raise RecorderError(
                 f"submit_every, max_queue and rows_per_file must be >= 1, got {submit_every}, {max_queue}, {rows_per_file}")
+        if neuron_counts not in ("auto", "device", "writer"):
+            raise RecorderError(f"neuron_counts must be 'auto', 'device' or 'writer', got {neuron_counts!r}")
+        self.neuron_counts = neuron_counts
         if probe_batch_size < 1:
             raise RecorderError(f"probe_batch_size must be >= 1, got {probe_batch_size}")
         if sample_ids is not None and not callable(sample_ids):
@@ -172,6 +179,7 @@ class PatternRecorder(Callback):
         self._batch_active = False
         self._step_of_batch = 0
         self._indexed: bool | None = None
+        self._counts_on_device = False
         self._grad_norm: torch.Tensor | None = None
         self._world = 1
         self._rank = 0
@@ -298,6 +306,9 @@ class PatternRecorder(Callback):
         """Agree on a run id across ranks, create or reopen the run directory."""
         self._world, self._rank = trainer.world_size, trainer.global_rank
         self._indexed = None
+        self._counts_on_device = (
+            self.neuron_counts == "device" or (self.neuron_counts == "auto" and pl_module.device.type != "cpu")
+        )
         restored = self._restored or {}
         run_id = restored.get("run_id") or self.run_name or _new_run_id()
         run_id = trainer.strategy.broadcast(run_id, src=0)
@@ -435,6 +446,10 @@ class PatternRecorder(Callback):
         pieces: list[torch.Tensor] = []
         layout: list[tuple[str, str, str, int, int]] = []  # (what, split, layer, rows, cols)
         was_attached = cap.attached
+        # Neuron counts: on an accelerator a one-hot matmul on the device; on CPU the writer
+        # thread counts them from the packed bits, off the training thread.
+        counts_on_device = self._counts_on_device
+        keep_bits = patterns or (neurons and not counts_on_device)
         try:
             cap.attach()
             cap.enabled = True
@@ -444,14 +459,14 @@ class PatternRecorder(Callback):
                     chunks = self._onehots[split_name]
                     for i, onehot in enumerate(chunks):
                         x = split.inputs[i * self.probe_batch_size : (i + 1) * self.probe_batch_size]
-                        cap.start_forward(keep_bits=patterns, onehot=onehot if neurons else None)
+                        cap.start_forward(keep_bits=keep_bits, onehot=onehot if neurons and counts_on_device else None)
                         self.probe_forward(pl_module, x)
                     for layer in self._widths:
-                        if patterns:
+                        if keep_bits:
                             bits = torch.cat(cap.bits[layer]) if len(cap.bits[layer]) > 1 else cap.bits[layer][0]
                             pieces.append(bits)
-                            layout.append(("bits", split_name, layer, bits.shape[0], bits.shape[1]))
-                        if neurons:
+                            layout.append(("bits" if patterns else "nbits", split_name, layer, bits.shape[0], bits.shape[1]))
+                        if neurons and counts_on_device:
                             counts = cap.counts[layer].round().to(torch.int32)
                             pieces.append(counts)
                             layout.append(("counts", split_name, layer, counts.shape[0], counts.shape[1]))
@@ -470,7 +485,12 @@ class PatternRecorder(Callback):
         ids = {name: s.sample_ids.numpy() for name, s in self._shard.items()}  # type: ignore[union-attr]
         n_classes = self.probe.num_classes
         last_layer = list(self._widths)[-1] if self._widths else None
-        self._pending.append(lambda: _decode_probe(host, event, layout, step, ids, n_classes, last_layer))
+        labels = {name: (s.labels.numpy() if s.labels is not None else None) for name, s in self._shard.items()}
+        from_bits = neurons and not counts_on_device
+        widths = dict(self._widths)
+        self._pending.append(
+            lambda: _decode_probe(host, event, layout, step, ids, n_classes, last_layer,
+                                  labels=labels if from_bits else None, widths=widths))
         self._submit_pending()
 
     def _after_step(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
@@ -707,7 +727,7 @@ def _split_layout(host: np.ndarray, event: Any, layout: list[tuple[str, str, str
     # which fragments the heap and inflates RSS far beyond the rows kept.
     host = np.array(host, copy=True)
     out, offset = [], 0
-    itemsize = {"bits": 1, "counts": 4, "out_sign": 1, "ids": 1, "scalars": 1}
+    itemsize = {"bits": 1, "nbits": 1, "counts": 4, "out_sign": 1, "ids": 1, "scalars": 1}
     for item in layout:
         what, _, _, rows, cols = item
         n = rows * cols * itemsize[what]
@@ -731,7 +751,15 @@ def _decode_probe(
     ids: dict[str, np.ndarray],
     n_classes: int,
     last_layer: str | None,
-) -> dict[str, pa.Table]:
+    *,
+    labels: dict[str, np.ndarray | None] | None = None,
+    widths: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Writer-thread side of a probe step: pattern chunks and the neuron table.
+
+    With ``labels`` (CPU runs) the per-class counts are computed here from the
+    packed bits; otherwise they arrive as ``counts`` items computed on the device.
+    """
     parts = _split_layout(host, event, layout)
     out_sign = next((arr[0] for (what, *_), arr in parts if what == "out_sign"), None)
     patterns: list[PatternChunk] = []
@@ -739,13 +767,16 @@ def _decode_probe(
     for (what, split, layer, rows, cols), arr in parts:
         if what == "bits":
             patterns.append(PatternChunk(step, layer, split, "probe", ids[split], arr))
-        elif what == "counts":
+        if what in ("bits", "nbits") and labels is not None and widths is not None:
+            arr = _class_counts_from_bits(arr, widths[layer], labels[split], n_classes)
+            what = "counts"
+        if what == "counts":
             by_class = arr.T.astype(np.int32)  # [width, C or 1]
             width = by_class.shape[0]
             active = by_class.sum(axis=1, dtype=np.int64)
             n = np.full(width, len(ids[split]), dtype=np.int64)
             abc = by_class if n_classes else np.zeros((width, 0), np.int32)
-            labels = partition_labels(active, n, abc if n_classes else None)
+            partition = partition_labels(active, n, abc if n_classes else None)
             sign = out_sign if (out_sign is not None and layer == last_layer) else None
             neurons.append(
                 pa.table(
@@ -760,7 +791,7 @@ def _decode_probe(
                             np.arange(0, (width + 1) * abc.shape[1], abc.shape[1], dtype=np.int32),
                             pa.array(np.ascontiguousarray(abc).reshape(-1), pa.int32()),
                         ),
-                        "partition": pa.array(labels.tolist(), pa.string()),
+                        "partition": pa.array(partition.tolist(), pa.string()),
                         "out_sign": pa.array(sign, pa.int8()) if sign is not None else pa.nulls(width, pa.int8()),
                     },
                     schema=NEURONS,
@@ -772,6 +803,17 @@ def _decode_probe(
     if neurons:
         out["neurons"] = pa.concat_tables(neurons)
     return out
+
+
+def _class_counts_from_bits(bits: np.ndarray, width: int, labels: np.ndarray | None, n_classes: int) -> np.ndarray:
+    """``counts[c, j]`` = samples of class c activating neuron j (one row of totals without labels)."""
+    active = np.unpackbits(bits, axis=1, count=width).astype(np.float32)
+    if n_classes and labels is not None:
+        onehot = np.zeros((n_classes, len(labels)), np.float32)
+        onehot[labels, np.arange(len(labels))] = 1.0
+    else:
+        onehot = np.ones((1, len(bits)), np.float32)
+    return np.rint(onehot @ active).astype(np.int32)  # exact: counts < 2**24
 
 
 def _decode_batch(

@@ -62,9 +62,10 @@ def test_n_active_is_popcount_and_row_bytes_match_width(tmp_path, data):
         assert n_active == sum(bin(b).count("1") for b in bits)
 
 
-def test_neuron_partitions_equal_counts_from_pattern_rows(tmp_path, data):
+@pytest.mark.parametrize("where", ["device", "writer"])
+def test_neuron_partitions_equal_counts_from_pattern_rows(tmp_path, data, where):
     x, y = data
-    _, _, run = fit_recorded(tmp_path, data, steps=6, schedule=schedules.at([0, 4]))
+    _, _, run = fit_recorded(tmp_path, data, steps=6, schedule=schedules.at([0, 4]), neuron_counts=where)
     neurons = run.neurons().to_pandas()
     for step in (0, 4, 6):
         for layer, width in run.widths.items():
