@@ -7,6 +7,7 @@ import os
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch import nn

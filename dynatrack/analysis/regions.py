@@ -589,7 +589,7 @@ def _split_by_layer(
     Returns new vertices, offsets, the parent polygon of each piece and the layer's pattern bits.
     """
     counts = np.diff(offsets)
-    n_poly, width = z.shape[0], z.shape[1]
+    n_poly = z.shape[0]
     owner = np.repeat(np.arange(n_poly), counts)
     zv = z[owner]  # [V, m, 3]
     f = zv[:, :, 0] * verts[:, :1] + zv[:, :, 1] * verts[:, 1:] + zv[:, :, 2]

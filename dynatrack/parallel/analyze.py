@@ -160,7 +160,6 @@ def _gather(refs: list[Any], progress: bool) -> list[dict[str, pa.Table]]:
 
     if not refs:
         return []
-    done_parts: dict[Any, dict[str, pa.Table]] = {}
     pending = list(refs)
     bar = None
     if progress:

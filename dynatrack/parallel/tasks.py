@@ -9,14 +9,12 @@ each checkpoint once.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from dynatrack.analysis import patterns as pat

@@ -35,14 +35,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from dynatrack import schedules as sch
-from dynatrack.analysis.partitions import partition_labels
 from dynatrack.recorder.capture import Capture, LayerSelectionError, select_layers, trace_layers
 from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
 from dynatrack.store.fs import RunLocation, StoreError, validate_run_name
 from dynatrack.store.manifest import check_compatible, new_manifest, read_manifest, write_manifest
-from dynatrack.store.rows import PatternChunk
-from dynatrack.store.schema import MANIFEST, NEURONS, PROBE, PROBE_DIR
+from dynatrack.store.rows import NeuronChunk, PatternChunk
+from dynatrack.store.schema import MANIFEST, PROBE, PROBE_DIR
 from dynatrack.store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -772,36 +771,16 @@ def _decode_probe(
             what = "counts"
         if what == "counts":
             by_class = arr.T.astype(np.int32)  # [width, C or 1]
-            width = by_class.shape[0]
-            active = by_class.sum(axis=1, dtype=np.int64)
-            n = np.full(width, len(ids[split]), dtype=np.int64)
-            abc = by_class if n_classes else np.zeros((width, 0), np.int32)
-            partition = partition_labels(active, n, abc if n_classes else None)
             sign = out_sign if (out_sign is not None and layer == last_layer) else None
-            neurons.append(
-                pa.table(
-                    {
-                        "step": np.full(width, step, np.int64),
-                        "layer": pa.array([layer] * width, pa.string()),
-                        "split": pa.array([split] * width, pa.string()),
-                        "neuron": np.arange(width, dtype=np.int32),
-                        "active": active,
-                        "n_samples": n,
-                        "active_by_class": pa.ListArray.from_arrays(
-                            np.arange(0, (width + 1) * abc.shape[1], abc.shape[1], dtype=np.int32),
-                            pa.array(np.ascontiguousarray(abc).reshape(-1), pa.int32()),
-                        ),
-                        "partition": pa.array(partition.tolist(), pa.string()),
-                        "out_sign": pa.array(sign, pa.int8()) if sign is not None else pa.nulls(width, pa.int8()),
-                    },
-                    schema=NEURONS,
-                )
-            )
+            neurons.append(NeuronChunk(
+                step, layer, split, by_class.sum(axis=1, dtype=np.int64),
+                by_class if n_classes else np.zeros((by_class.shape[0], 0), np.int32), len(ids[split]),
+                None if sign is None else np.array(sign, np.int8)))
     out: dict[str, Any] = {}
     if patterns:
         out["patterns"] = patterns
     if neurons:
-        out["neurons"] = pa.concat_tables(neurons)
+        out["neurons"] = neurons
     return out
 
 

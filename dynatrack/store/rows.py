@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from dynatrack.store.schema import PATTERNS, STEPS
+from dynatrack.store.schema import NEURONS, PATTERNS, STEPS
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
 
@@ -73,6 +73,65 @@ def patterns_table(chunks: list[PatternChunk]) -> pa.Table:
     )
 
 
+@dataclass(frozen=True)
+class NeuronChunk:
+    """Neuron counts of one (step, layer, split) on this rank.
+
+    ``by_class`` is int ``[width, C]`` (``C = 0`` without labels, then ``active`` is given),
+    ``out_sign`` int8 ``[width]`` or ``None``.
+    """
+
+    step: int
+    layer: str
+    split: str
+    active: np.ndarray
+    by_class: np.ndarray
+    n_samples: int
+    out_sign: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+
+def neurons_table(chunks: list[NeuronChunk]) -> pa.Table:
+    """One ``neurons`` table (schema v1) from many chunks; partition labels computed once, vectorised."""
+    from dynatrack.analysis.partitions import partition_labels
+
+    counts = [len(c) for c in chunks]
+    active = np.concatenate([np.asarray(c.active, np.int64) for c in chunks])
+    n = np.repeat(np.array([c.n_samples for c in chunks], np.int64), counts)
+    n_classes = {c.by_class.shape[1] for c in chunks}
+    if len(n_classes) != 1:
+        raise ValueError(f"neuron chunks disagree on the number of classes: {sorted(n_classes)}")
+    k = n_classes.pop()
+    by_class = np.concatenate([np.asarray(c.by_class, np.int32).reshape(len(c), k) for c in chunks])
+    labels = partition_labels(active, n, by_class if k else None)
+    label_names = sorted(set(labels.tolist()))
+    code = {v: i for i, v in enumerate(label_names)}
+    partition = pa.DictionaryArray.from_arrays(
+        np.fromiter((code[v] for v in labels), np.int32, count=len(labels)), pa.array(label_names, pa.string())
+    ).cast(pa.string())
+    signs = [c.out_sign if c.out_sign is not None else np.zeros(len(c), np.int8) for c in chunks]
+    sign_valid = np.repeat(np.array([c.out_sign is not None for c in chunks]), counts)
+    out_sign = pa.array(np.concatenate(signs).astype(np.int8), pa.int8(), mask=~sign_valid)
+    return pa.table(
+        {
+            "step": np.repeat(np.array([c.step for c in chunks], np.int64), counts),
+            "layer": _dict_column([c.layer for c in chunks], counts),
+            "split": _dict_column([c.split for c in chunks], counts),
+            "neuron": np.concatenate([np.arange(len(c), dtype=np.int32) for c in chunks]),
+            "active": active,
+            "n_samples": n,
+            "active_by_class": pa.ListArray.from_arrays(
+                np.arange(0, (len(active) + 1) * k, k, dtype=np.int32), pa.array(by_class.reshape(-1), pa.int32())
+            ),
+            "partition": partition,
+            "out_sign": out_sign,
+        },
+        schema=NEURONS,
+    )
+
+
 def steps_table(rows: list[dict[str, Any]]) -> pa.Table:
     """One ``steps`` table from row dicts."""
     return pa.table({name: [r[name] for r in rows] for name in STEPS.names}, schema=STEPS)
@@ -82,9 +141,12 @@ def build(kind: str, items: list[Any]) -> pa.Table:
     """Concatenate the buffered items of one table: Arrow tables, chunks or row dicts."""
     tables = [i for i in items if isinstance(i, pa.Table)]
     chunks = [i for i in items if isinstance(i, PatternChunk)]
+    neuron_chunks = [i for i in items if isinstance(i, NeuronChunk)]
     rows = [i for i in items if isinstance(i, dict)]
     if chunks:
         tables.append(patterns_table(chunks))
+    if neuron_chunks:
+        tables.append(neurons_table(neuron_chunks))
     if rows:
         tables.append(steps_table(rows))
     out = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -92,4 +154,6 @@ def build(kind: str, items: list[Any]) -> pa.Table:
 
 
 def item_rows(item: Any) -> int:
-    return item.num_rows if isinstance(item, pa.Table) else (len(item) if isinstance(item, PatternChunk) else 1)
+    if isinstance(item, pa.Table):
+        return item.num_rows
+    return len(item) if isinstance(item, (PatternChunk, NeuronChunk)) else 1

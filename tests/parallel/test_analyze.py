@@ -13,7 +13,7 @@ import torch
 from conftest import TinyNet, loader, make_data
 from dynatrack import open_run
 from dynatrack.analysis import regions as reg
-from dynatrack.parallel import AnalyzeConfig, ClusterError, analyze_run, ray_session
+from dynatrack.parallel import AnalyzeConfig, analyze_run
 from dynatrack.parallel.analyze import analyze_and_report, plan_step_ranges
 from dynatrack.parallel.tasks import NETWORK, build_model
 from dynatrack.store.fs import StoreError

@@ -8,7 +8,6 @@ import logging
 import random
 import tempfile
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
