@@ -69,7 +69,6 @@ POPCOUNT_TABLE = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint
 
 _MIN_HASH_BITS = 24  # below this, sort (group, hash) with an argsort instead of packing the row index in
 _BLOCK = 1 << 16  # rows per block in streaming passes and unpacking (keeps temporaries in cache)
-_SORT_BUCKET = 1 << 14  # target keys per bucket in _sort_u64 (128 KiB: sorts in L2)
 _U64 = np.uint64
 
 
@@ -280,24 +279,17 @@ def _sort_rows(words: np.ndarray, codes: np.ndarray | None, n_groups: int, hash_
 
 
 def _sort_u64(key: np.ndarray) -> np.ndarray:
-    """Sorted copy of uint64 ``key`` (may reuse its memory): bucket, then sort each bucket in cache.
+    """Sorted copy of uint64 ``key``.
 
-    The top bits of each key pick one of about ``n / 16384`` buckets (a stable radix
-    argsort on uint16, then one gather); each bucket is then small enough to sort
-    in cache, which beats one ``np.sort`` of the whole array by about a quarter.
+    The keys are shifted into int64 order (top bit flipped) and sorted with
+    ``torch.sort``, whose radix sort beats ``np.sort`` on 64-bit keys (0.15 s vs
+    0.18-0.26 s for 4M keys on one core); unsigned order is restored afterwards.
     """
-    n_bits = min(16, (len(key) // _SORT_BUCKET).bit_length())
-    if n_bits < 2:
-        key.sort()
-        return key
-    bucket = (key >> _U64(64 - n_bits)).astype(np.uint16)
-    out = key[np.argsort(bucket, kind="stable")]
-    start = 0
-    for stop in np.cumsum(np.bincount(bucket, minlength=1 << n_bits)).tolist():
-        if stop - start > 1:
-            out[start:stop].sort()
-        start = stop
-    return out
+    import torch
+
+    flip = _U64(1 << 63)
+    shifted = torch.from_numpy((key ^ flip).view(np.int64))
+    return torch.sort(shifted).values.numpy().view(np.uint64) ^ flip
 
 
 def _in_run(new: np.ndarray) -> np.ndarray:
