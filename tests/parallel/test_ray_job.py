@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,10 @@ import pytest
 from dynatrack.tracking import read_offline_run
 
 REPO = Path(__file__).parents[2]
+# the `ray` console script next to this interpreter (a fresh `python -m pip install` under pyenv
+# creates no shim for it on PATH)
+_BIN = Path(sys.executable).parent / "ray"
+RAY = str(_BIN) if _BIN.exists() else (shutil.which("ray") or "ray")
 
 
 def free_port() -> int:
@@ -41,14 +46,14 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+        [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", *agent_ports],
         env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT)
     # ready = a trivial job runs end to end (the job agent can lag behind the dashboard's REST API)
     deadline = time.time() + 120
     while time.time() < deadline:
-        check = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-                                "python", "-c", "print('ready')"], env=env, capture_output=True, text=True,
+        check = subprocess.run([RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
+                                sys.executable, "-c", "print('ready')"], env=env, capture_output=True, text=True,
                                timeout=120)
         if check.returncode == 0 and "ready" in check.stdout:
             break
@@ -73,9 +78,9 @@ def test_ray_job_submit_analyzes_the_run(head, digits_run, tmp_path):
         "analysis:\n  analyzers: [patterns, regions]\n  n_slices: 1\n  n_segments: 2\n  boundary_samples: 8\n"
         "  steps: [0, 10, 20]\nwandb:\n  mode: offline\n  group: job-test\n")
     proc = subprocess.run(
-        ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
+        [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
          "--runtime-env-json", '{"excludes": ["runs", ".git", "wandb", "*.egg-info", ".pytest_cache", "__pycache__"]}', "--",
-         "python", "jobs/analyze.py", "--config", str(cfg), "--run", digits_run],
+         sys.executable, "jobs/analyze.py", "--config", str(cfg), "--run", digits_run],
         env=head["env"], capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -109,7 +114,7 @@ def test_ray_job_submit_analyzes_the_run(head, digits_run, tmp_path):
 def test_token_auth_is_enforced(head, tmp_path):
     env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    proc = subprocess.run(["ray", "job", "list", "--address", head["dashboard"]], env=env, capture_output=True,
+    proc = subprocess.run([RAY, "job", "list", "--address", head["dashboard"]], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode != 0
     assert "token" in (proc.stdout + proc.stderr).lower()
