@@ -92,6 +92,7 @@ def pattern_task(
         filter=expr,
         columns=["step", "layer", "split", *(["sample_id"] if churn or network else []), "bits"],
         dictionary_strings=True,
+        with_rank=False,
     )
     return pattern_stats(t, run.widths, steps, prev_step, churn=churn, network=network)
 

@@ -114,6 +114,7 @@ class Run:
         filter: ds.Expression | None = None,
         columns: list[str] | None = None,
         dictionary_strings: bool = False,
+        with_rank: bool = True,
     ) -> pa.Table:
         """One table over all ranks, with a ``rank`` column, superseded rows dropped.
 
@@ -143,10 +144,10 @@ class Run:
                 expr = keep if expr is None else (expr & keep)
             dataset = ds.dataset(paths, schema=schema, format=fmt, filesystem=self.loc.fs)
             t = dataset.to_table(filter=expr, columns=columns)
-            parts.append(t.append_column("rank", pa.array(np.full(t.num_rows, rank, dtype=np.int32))))
+            parts.append(t.append_column("rank", pa.array(np.full(t.num_rows, rank, dtype=np.int32))) if with_rank else t)
         if not parts:
             cols = [schema.field(c) for c in (columns or schema.names)]
-            return pa.schema([*cols, pa.field("rank", pa.int32())]).empty_table()
+            return pa.schema([*cols, *([pa.field("rank", pa.int32())] if with_rank else [])]).empty_table()
         return pa.concat_tables(parts)
 
     def only_value(self, kind: str, column: str, value: Any) -> bool:
@@ -249,10 +250,12 @@ class Run:
                 if value is not None and not self.only_value(kind, name, value):
                     e = ds.field(name) == value
                     expr = e if expr is None else expr & e
-            t = self.table(kind, filter=expr, columns=["step"], dictionary_strings=True)
+            t = self.table(kind, filter=expr, columns=["step"], dictionary_strings=True, with_rank=False)
         else:
-            t = self.table(kind, columns=["step"])
-        return sorted(int(s) for s in pc.unique(t.column("step")).to_pylist()) if t.num_rows else []
+            t = self.table(kind, columns=["step"], with_rank=False)
+        if not t.num_rows:
+            return []
+        return sorted(int(v) for v in pc.unique(t.column("step")).to_pylist())
 
     # -- checkpoints and analysis --------------------------------------------
     def _checkpoint_files(self) -> dict[int, dict[int, str]]:
