@@ -30,16 +30,6 @@ import numpy as np
 LABELS = ("dead", "always_on", "class_selective", "mixed", "partial", "empty")
 
 
-def class_counts(active: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per-class activation counts: ``out[c, j] = #{i : labels[i] == c and active[i, j]}``.
-
-    ``active`` is bool ``[n, width]``; returns int64 ``[num_classes, width]``.
-    """
-    onehot = np.zeros((num_classes, len(labels)), dtype=np.int64)
-    onehot[labels, np.arange(len(labels))] = 1
-    return onehot @ active.astype(np.int64)
-
-
 def partition_labels(
     active: np.ndarray, n_samples: np.ndarray, active_by_class: np.ndarray | None = None
 ) -> np.ndarray:
