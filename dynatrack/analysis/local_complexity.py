@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynatrack.analysis.activations import RELU_FAMILY
+
 __all__ = [
     "RELU_FAMILY",
     "LocalComplexity",
@@ -46,10 +48,6 @@ __all__ = [
     "preactivation_fn",
 ]
 
-#: activation modules whose *input* is the pre-activation whose sign forms the pattern.
-RELU_FAMILY: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus,
-)  # fmt: skip
 
 PreactivationFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 

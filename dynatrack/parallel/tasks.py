@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from dynatrack.analysis import patterns as pat
-from dynatrack.store.reader import Run, RunError, open_run
+from dynatrack.store.reader import Run, RunError, binary_rows, open_run
 
 NETWORK = "__network__"  # the layer name of whole-network (concatenated) patterns
 
@@ -97,16 +97,6 @@ def pattern_task(
     return pattern_stats(t, run.widths, steps, prev_step, churn=churn, network=network)
 
 
-def _bits_matrix(col: pa.ChunkedArray | pa.Array, nbytes: int) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if len(arr) == 0:
-        return np.zeros((0, nbytes), np.uint8)
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
-    data = np.frombuffer(bufs[2], dtype=np.uint8)
-    return data[offsets[0] : offsets[0] + nbytes * len(arr)].reshape(len(arr), nbytes)
-
-
 def pattern_stats(
     t: pa.Table, widths: dict[str, int], steps: Sequence[int], prev_step: int | None, *, churn: bool = True,
     network: bool = True,
@@ -150,7 +140,7 @@ def pattern_stats(
         sel = np.flatnonzero(layer_codes == li)
         if not len(sel):
             continue
-        bits = _bits_matrix(bits_col.take(pa.array(sel)), (width + 7) // 8)
+        bits = binary_rows(bits_col.take(pa.array(sel)), (width + 7) // 8)
         group = step_codes[sel] * len(split_names) + split_codes[sel]
         counts = pat.distinct_counts(bits, group)
         for g, n, nd, ns in zip(counts.group, counts.n_samples, counts.n_distinct, counts.n_shared):
@@ -220,10 +210,10 @@ def _counts_by_width(
     bits_col = t.column("bits")
     for nbytes, lis in by_bytes.items():
         if len(lis) == len(layer_names):  # every row has this width: the bits as stored, no gather
-            sel, bits = None, _bits_matrix(bits_col, nbytes)
+            sel, bits = None, binary_rows(bits_col, nbytes)
         else:
             sel = np.flatnonzero(np.isin(layer_codes, lis))
-            bits = _bits_matrix(bits_col.take(pa.array(sel)), nbytes)
+            bits = binary_rows(bits_col.take(pa.array(sel)), nbytes)
         group = layer_codes.astype(np.int64) * n_ss + step_split
         counts = pat.distinct_counts(bits, group if sel is None else group[sel])
         for g, n, nd, ns in zip(counts.group.tolist(), counts.n_samples.tolist(), counts.n_distinct.tolist(),

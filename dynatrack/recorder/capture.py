@@ -28,20 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-RELU_FAMILY: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ReLU6,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-)
+from dynatrack.analysis.activations import RELU_FAMILY
+
 
 
 class LayerSelectionError(ValueError):

@@ -346,19 +346,24 @@ class Run:
         }
 
 
-def bits_matrix(table: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Turn ``sample_id``/``bits`` columns into sorted numpy arrays."""
-    nbytes = (width + 7) // 8
-    ids = table.column("sample_id").to_numpy().astype(np.int64, copy=False)
-    col = table.column("bits").combine_chunks()
-    if len(col) == 0:
-        return ids, np.zeros((0, nbytes), dtype=np.uint8)
-    bufs = col.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+def binary_rows(col: pa.ChunkedArray | pa.Array, nbytes: int) -> np.ndarray:
+    """A ``binary`` column of fixed-size rows as a uint8 ``[n, nbytes]`` view (no copy when contiguous)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros((0, nbytes), dtype=np.uint8)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    # the writer stores every row of a layer at ceil(width / 8) bytes; the total length is
+    # checked (an O(1) guard against a wrong width), not each row
+    if offsets[-1] - offsets[0] != nbytes * len(arr):
+        raise RunError(f"pattern rows do not hold {nbytes} bytes each (expected layer width)")
     data = np.frombuffer(bufs[2], dtype=np.uint8)
-    start = offsets[0]
-    if not np.all(np.diff(offsets) == nbytes):
-        raise RunError(f"pattern rows do not all hold {nbytes} bytes (layer width {width})")
-    bits = data[start : start + nbytes * len(col)].reshape(len(col), nbytes)
+    return data[offsets[0] : offsets[0] + nbytes * len(arr)].reshape(len(arr), nbytes)
+
+
+def bits_matrix(table: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Turn ``sample_id``/``bits`` columns into numpy arrays sorted by sample id."""
+    ids = table.column("sample_id").to_numpy().astype(np.int64, copy=False)
+    bits = binary_rows(table.column("bits"), (width + 7) // 8)
     order = np.argsort(ids, kind="stable")
     return ids[order], bits[order]
