@@ -35,7 +35,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from dynatrack import schedules as sch
-from dynatrack.recorder.capture import Capture, LayerSelectionError, select_layers, trace_layers
+from dynatrack.recorder.capture import Capture, Deferred, LayerSelectionError, materialize, select_layers, trace_layers
 from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
 from dynatrack.store.fs import RunLocation, StoreError, validate_run_name
@@ -308,6 +308,10 @@ class PatternRecorder(Callback):
         self._counts_on_device = (
             self.neuron_counts == "device" or (self.neuron_counts == "auto" and pl_module.device.type != "cpu")
         )
+        if self._capture is not None:
+            # On CPU the hooks only keep the pre-activations; the writer thread packs them
+            # (torch releases the GIL), leaving the training thread almost nothing to do.
+            self._capture.defer = pl_module.device.type == "cpu"
         restored = self._restored or {}
         run_id = restored.get("run_id") or self.run_name or _new_run_id()
         run_id = trainer.strategy.broadcast(run_id, src=0)
@@ -449,22 +453,35 @@ class PatternRecorder(Callback):
         # thread counts them from the packed bits, off the training thread.
         counts_on_device = self._counts_on_device
         keep_bits = patterns or (neurons and not counts_on_device)
+        deferred: list[tuple[tuple[str, str, str], list[Any]]] = []
         try:
             cap.attach()
             cap.enabled = True
             with torch.no_grad():
                 for split_name, split in self._shard.items():
-                    cap.reset()
                     chunks = self._onehots[split_name]
-                    for i, onehot in enumerate(chunks):
-                        x = split.inputs[i * self.probe_batch_size : (i + 1) * self.probe_batch_size]
-                        cap.start_forward(keep_bits=keep_bits, onehot=onehot if neurons and counts_on_device else None)
-                        self.probe_forward(pl_module, x)
+                    for _attempt in range(2):  # a second, eager pass if a kept input was modified in place
+                        cap.reset()
+                        for i, onehot in enumerate(chunks):
+                            x = split.inputs[i * self.probe_batch_size : (i + 1) * self.probe_batch_size]
+                            cap.start_forward(keep_bits=keep_bits, onehot=onehot if neurons and counts_on_device else None)
+                            self.probe_forward(pl_module, x)
+                        changed = cap.modified()
+                        if not changed:
+                            break
+                        cap.defer = False
+                        log.warning("dynatrack: the inputs of %s were modified in place after the activation; "
+                                    "packing bits inside the hooks from now on", changed)
                     for layer in self._widths:
                         if keep_bits:
-                            bits = torch.cat(cap.bits[layer]) if len(cap.bits[layer]) > 1 else cap.bits[layer][0]
+                            what = "bits" if patterns else "nbits"
+                            items = cap.bits[layer]
+                            if isinstance(items[0], Deferred):
+                                deferred.append(((what, split_name, layer), list(items)))
+                                continue
+                            bits = torch.cat(items) if len(items) > 1 else items[0]
                             pieces.append(bits)
-                            layout.append(("bits" if patterns else "nbits", split_name, layer, bits.shape[0], bits.shape[1]))
+                            layout.append((what, split_name, layer, bits.shape[0], bits.shape[1]))
                         if neurons and counts_on_device:
                             counts = cap.counts[layer].round().to(torch.int32)
                             pieces.append(counts)
@@ -489,7 +506,7 @@ class PatternRecorder(Callback):
         widths = dict(self._widths)
         self._pending.append(
             lambda: _decode_probe(host, event, layout, step, ids, n_classes, last_layer,
-                                  labels=labels if from_bits else None, widths=widths))
+                                  labels=labels if from_bits else None, widths=widths, deferred=deferred))
         self._submit_pending()
 
     def _after_step(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
@@ -505,19 +522,26 @@ class PatternRecorder(Callback):
         pieces: list[torch.Tensor] = []
         layout: list[tuple[str, str, str, int, int]] = []
         ids = None
+        deferred: dict[str, list[Any]] = {}
         if batch_bits:
             cap.enabled = False
             self._batch_active = False
             ids = self._batch_ids(trainer, batch)
             pieces.append(ids.to(torch.int64).reshape(1, -1).view(torch.uint8).reshape(1, -1))
             layout.append(("ids", "train", "", 1, ids.numel() * 8))
+            for layer in self._drop_modified(cap, step):
+                cap.bits.pop(layer, None)
             for layer, chunks in cap.bits.items():
-                bits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-                if bits.shape[0] != ids.numel():
+                rows = sum(int(c.tensor.shape[0]) if isinstance(c, Deferred) else int(c.shape[0]) for c in chunks)
+                if rows != ids.numel():
                     raise RecorderError(
-                        f"layer {layer} saw {bits.shape[0]} samples in the training forward but the batch has "
+                        f"layer {layer} saw {rows} samples in the training forward but the batch has "
                         f"{ids.numel()} sample ids; check sample_ids=... (or gradient accumulation inside training_step)"
                     )
+                if isinstance(chunks[0], Deferred):
+                    deferred[layer] = list(chunks)  # packed on the writer thread
+                    continue
+                bits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
                 pieces.append(bits)
                 layout.append(("bits", "train", layer, bits.shape[0], bits.shape[1]))
             cap.reset()
@@ -539,9 +563,24 @@ class PatternRecorder(Callback):
         }
         host, event = _to_host(pieces)
         assert self._writer is not None
-        self._pending.append(lambda: _decode_batch(host, event, layout, meta))
+        self._pending.append(lambda: _decode_batch(host, event, layout, meta, deferred))
         if len(self._pending) >= self.submit_every:
             self._submit_pending()
+
+    def _drop_modified(self, cap: Capture, step: int) -> list[str]:
+        """Layers whose kept pre-activations were modified in place after their hook.
+
+        Their signs cannot be trusted, so their rows of this step are not written (with
+        a warning) and the recorder packs bits inside the hooks from now on.
+        """
+        changed = cap.modified()
+        if changed:
+            cap.defer = False
+            log.warning(
+                "dynatrack: the inputs of %s were modified in place after the activation (step %d); "
+                "their batch patterns of this step are not recorded, and bits are packed inside the hooks "
+                "from now on", changed, step)
+        return changed
 
     def _submit_pending(self) -> None:
         """Hand the recorded steps kept since the last hand-off to the writer as one job.
@@ -753,6 +792,7 @@ def _decode_probe(
     *,
     labels: dict[str, np.ndarray | None] | None = None,
     widths: dict[str, int] | None = None,
+    deferred: list[tuple[tuple[str, str, str], list[Any]]] | None = None,
 ) -> dict[str, Any]:
     """Writer-thread side of a probe step: pattern chunks and the neuron table.
 
@@ -760,6 +800,9 @@ def _decode_probe(
     packed bits; otherwise they arrive as ``counts`` items computed on the device.
     """
     parts = _split_layout(host, event, layout)
+    for (what, split, layer), items in deferred or []:
+        bits = materialize(items).numpy()
+        parts.append(((what, split, layer, bits.shape[0], bits.shape[1]), bits))
     out_sign = next((arr[0] for (what, *_), arr in parts if what == "out_sign"), None)
     patterns: list[PatternChunk] = []
     neurons = []
@@ -796,9 +839,16 @@ def _class_counts_from_bits(bits: np.ndarray, width: int, labels: np.ndarray | N
 
 
 def _decode_batch(
-    host: np.ndarray, event: Any, layout: list[tuple[str, str, str, int, int]], meta: dict[str, Any]
-) -> dict[str, pa.Table]:
+    host: np.ndarray,
+    event: Any,
+    layout: list[tuple[str, str, str, int, int]],
+    meta: dict[str, Any],
+    deferred: dict[str, list[Any]] | None = None,
+) -> dict[str, Any]:
     parts = _split_layout(host, event, layout)
+    for layer, items in (deferred or {}).items():
+        bits = materialize(items).numpy()
+        parts.append((("bits", "train", layer, bits.shape[0], bits.shape[1]), bits))
     out: dict[str, Any] = {}
     ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
     patterns = [

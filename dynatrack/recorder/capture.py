@@ -91,6 +91,31 @@ def pack_bits(active: torch.Tensor) -> torch.Tensor:
     return ((v * _GATHER) >> 56).bitwise_and_(0xFF).to(torch.uint8)
 
 
+class Deferred:
+    """A pre-activation kept for packing later, off the training thread (CPU only).
+
+    ``version`` is the tensor's in-place version counter when the hook saw it; a
+    different value later means something modified it in place after the activation,
+    and its signs can no longer be trusted (see :meth:`Capture.modified`).
+    """
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor.detach()
+        self.version = tensor._version
+
+    def bits(self) -> torch.Tensor:
+        t = self.tensor
+        return pack_bits(t.reshape(t.shape[0], -1) > 0)
+
+
+def materialize(items: list[Any]) -> torch.Tensor:
+    """Packed bits of one layer from hook items (packed tensors or :class:`Deferred`)."""
+    parts = [i.bits() if isinstance(i, Deferred) else i for i in items]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class Capture:
     """Forward hooks that turn each selected module's input into packed sign bits.
 
@@ -110,6 +135,7 @@ class Capture:
         self.widths: dict[str, int] = {}
         self.keep_bits = True
         self.enabled = False  # hooks stay attached across recorded steps; this gates them
+        self.defer = False  # keep pre-activations and pack them on the writer thread (CPU)
         self.onehot: torch.Tensor | None = None  # [C, n] float, or [1, n] ones without labels
 
     @property
@@ -144,6 +170,11 @@ class Capture:
         self.bits.clear()
         self.counts.clear()
 
+    def modified(self) -> list[str]:
+        """Layers whose deferred pre-activations were modified in place after their hook."""
+        return [key for key, items in self.bits.items()
+                if any(isinstance(i, Deferred) and i.tensor._version != i.version for i in items)]
+
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self.enabled:
@@ -154,6 +185,10 @@ class Capture:
             k = self._seen[name]
             self._seen[name] = k + 1
             key = name if self.calls.get(name, 1) == 1 else f"{name}@{k}"
+            if self.defer and self.onehot is None:
+                if self.keep_bits:
+                    self.bits[key].append(Deferred(x))
+                return
             active = x.detach().reshape(x.shape[0], -1) > 0
             self.widths[key] = active.shape[1]
             if self.keep_bits:

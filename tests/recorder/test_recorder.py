@@ -248,3 +248,41 @@ def test_probe_set_is_stored_in_the_run(tmp_path, data):
     np.testing.assert_array_equal(run.probe_inputs("test")[2], tx.numpy())
     assert run.manifest["probe"] == {"size": len(x) + 20, "splits": {"train": len(x), "test": 20},
                                      "num_classes": 3, "input_shape": [5]}
+
+
+class ModifiesPreactivation(TinyNet):
+    """Changes the first layer's pre-activation in place *after* its ReLU ran (legal for autograd)."""
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        z = self.net[0](x)
+        a = self.net[1](z)
+        z.sub_(100.0)  # kept, unpacked signs of z would now all read "off"
+        return self.net[4](self.net[3](self.net[2](a)))
+
+
+def test_in_place_change_after_the_hook_is_detected(tmp_path, data, caplog):
+    x, y = data
+    torch.manual_seed(0)
+    # probe source: the modification is seen right after the forward and the probe is re-run eagerly
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="p", probe=(x, y), schedule=schedules.at([0, 2]))
+    with caplog.at_level("WARNING"):
+        trainer(3, [rec]).fit(ModifiesPreactivation(), loader(x, y))
+    assert "modified in place" in caplog.text
+    run = open_run(rec.run_dir)
+    for step in (0, 2):
+        _, bits = run.pattern_bits(step, "net.1")
+        assert_signs(bits, manual_preacts(run.checkpoint(step), x)[0])
+    # batch source: that step's rows of the layer are not written (with a warning), later steps are right
+    caplog.clear()
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="b", batch_schedule=schedules.every(1))
+    with caplog.at_level("WARNING"):
+        trainer(3, [rec]).fit(ModifiesPreactivation(), loader(x, y))
+    assert "not recorded" in caplog.text
+    run = open_run(rec.run_dir)
+    t = run.patterns(source="batch").to_pandas()
+    assert set(t[t.step == 0].layer) == {"net.3"}
+    for step in (1, 2):
+        rows = t[(t.step == step) & (t.layer == "net.1")]
+        assert len(rows) == 16
+        z = manual_preacts(run.checkpoint(step), x[torch.as_tensor(rows.sample_id.to_numpy())])[0]
+        assert_signs(np.stack([np.frombuffer(b, np.uint8) for b in rows.bits]), z)
