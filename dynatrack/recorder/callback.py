@@ -81,7 +81,8 @@ class PatternRecorder(Callback):
         sample_ids: ``callable(batch) -> LongTensor`` for the batch source, when the
             batch is neither a dict with ``"sample_id"`` nor comes from :class:`IndexedDataset`.
         seed: stored in the manifest (default: ``torch.initial_seed()``).
-        max_queue: bound of the writer queue (back-pressure when full).
+        max_queue: bound of the writer queue in jobs (back-pressure when full); with
+            ``submit_every`` it bounds the recorded steps in flight (kept pre-activations on CPU).
         rows_per_file: rows buffered per shard file.
         submit_every: recorded training steps handed to the writer thread at once
             (their host copies wait in memory until then).
@@ -108,7 +109,7 @@ class PatternRecorder(Callback):
         probe_forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
         sample_ids: Callable[[Any], torch.Tensor] | None = None,
         seed: int | None = None,
-        max_queue: int = 16,
+        max_queue: int = 4,
         rows_per_file: int = 1_000_000,
         submit_every: int = 16,
         neuron_counts: Literal["auto", "device", "writer"] = "auto",
