@@ -12,11 +12,12 @@ the ``batch`` source records that batch's own forward; the ``steps`` row of
 step ``s`` holds that batch's loss, gradient norm and learning rate. With
 ``record_final=True`` the weights after the last update are recorded too.
 
-Hot path: on a recorded step the hooks pack sign bits on the device, the
-step's tensors are concatenated and copied to the host once (non-blocking into
-pinned memory on CUDA), and a job is handed to the background writer thread;
-decoding to Arrow and all file I/O happen there. Unrecorded steps pay one
-schedule call per source.
+Hot path: on a recorded step on an accelerator the hooks pack sign bits on the
+device and the step's tensors are copied to the host once (non-blocking into
+pinned memory); on CPU the hooks only keep the pre-activations and the writer
+thread packs them (torch releases the GIL). Records go to the background writer
+``submit_every`` steps at a time; decoding, Arrow and all file I/O happen there.
+Unrecorded steps pay one schedule call per source.
 """
 
 from __future__ import annotations
