@@ -529,7 +529,7 @@ class PatternRecorder(Callback):
             cap.enabled = False
             self._batch_active = False
             ids = self._batch_ids(trainer, batch)
-            pieces.append(ids.to(torch.int64).reshape(1, -1).view(torch.uint8).reshape(1, -1))
+            pieces.append(ids if ids.dtype == torch.int64 else ids.to(torch.int64))
             layout.append(("ids", "train", "", 1, ids.numel() * 8))
             for layer in self._drop_modified(cap, step):
                 cap.bits.pop(layer, None)
@@ -552,7 +552,7 @@ class PatternRecorder(Callback):
             loss = _loss_of(outputs).detach().float().reshape(())
             gn = self._grad_norm if self._grad_norm is not None else torch.tensor(float("nan"))
             scalars = torch.stack([loss, gn.float().reshape(()).to(loss.device)])
-            pieces.append(scalars.reshape(1, 2).view(torch.uint8))
+            pieces.append(scalars)
             layout.append(("scalars", "", "", 1, 8))
             self._last_step["steps"] = step
         self._grad_norm = None
@@ -741,31 +741,44 @@ def _host_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def _to_host(pieces: list[torch.Tensor]) -> tuple[np.ndarray, Any]:
-    """Concatenate the step's tensors as bytes and copy them to the host once.
+def _as_bytes(piece: torch.Tensor) -> torch.Tensor:
+    """A piece's raw bytes (its dtype is fixed by the layout item: ids int64, counts int32, ...)."""
+    return piece.contiguous().view(torch.uint8).reshape(-1)
 
-    On CUDA the copy is non-blocking into pinned memory; the returned event is
-    synchronized by the writer thread before it reads the bytes.
+
+def _to_host(pieces: list[torch.Tensor]) -> tuple[Any, Any]:
+    """The step's tensors, on the host, for the writer thread.
+
+    On an accelerator they are concatenated as bytes and copied to the host once,
+    non-blocking into pinned memory; the returned event is synchronized by the writer
+    thread before it reads them. On CPU they already are on the host: they are handed
+    over as they are and the writer thread converts them (no work on the training thread).
     """
     if not pieces:
         return np.zeros(0, np.uint8), None
-    flat = torch.cat([p.contiguous().view(torch.uint8).reshape(-1) for p in pieces])
+    if all(p.device.type == "cpu" for p in pieces):
+        return list(pieces), None
+    flat = torch.cat([_as_bytes(p) for p in pieces])
+    host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=flat.device.type == "cuda")
+    host.copy_(flat, non_blocking=True)
+    event = None
     if flat.device.type == "cuda":
-        host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True)
-        host.copy_(flat, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return host.numpy(), event
-    return flat.numpy(), None
+    return host.numpy(), event
 
 
-def _split_layout(host: np.ndarray, event: Any, layout: list[tuple[str, str, str, int, int]]) -> list[tuple[tuple[str, str, str, int, int], np.ndarray]]:
+def _split_layout(host: Any, event: Any, layout: list[tuple[str, str, str, int, int]]) -> list[tuple[tuple[str, str, str, int, int], np.ndarray]]:
+    """Cut the host bytes of a step back into one array per layout item (writer thread)."""
     if event is not None:
         event.synchronize()
-    # One copy into memory owned by the writer thread: the step's torch host buffer is freed at
+    # One copy into memory owned by the writer thread: the step's torch host buffers are freed at
     # once instead of living (in the training thread's malloc arena) until the shard is written,
     # which fragments the heap and inflates RSS far beyond the rows kept.
-    host = np.array(host, copy=True)
+    if isinstance(host, list):
+        host = np.concatenate([_as_bytes(p).numpy() for p in host]) if host else np.zeros(0, np.uint8)
+    else:
+        host = np.array(host, copy=True)
     out, offset = [], 0
     itemsize = {"bits": 1, "nbits": 1, "counts": 4, "out_sign": 1, "ids": 1, "scalars": 1}
     for item in layout:
