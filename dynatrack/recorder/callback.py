@@ -36,15 +36,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from dynatrack import schedules as sch
-from dynatrack.recorder.capture import (
-    Capture,
-    Deferred,
-    LayerSelectionError,
-    materialize,
-    pack_bits,
-    select_layers,
-    trace_layers,
-)
+from dynatrack.recorder.capture import Capture, Deferred, LayerSelectionError, materialize, select_layers, trace_layers
 from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
 from dynatrack.store.fs import RunLocation, StoreError, validate_run_name
@@ -573,7 +565,7 @@ class PatternRecorder(Callback):
         }
         host, event = _to_host(pieces)
         assert self._writer is not None
-        self._pending.append(_BatchRecord(host, event, layout, meta, deferred))
+        self._pending.append(lambda: _decode_batch(host, event, layout, meta, deferred))
         if len(self._pending) >= self.submit_every:
             self._submit_pending()
 
@@ -605,7 +597,6 @@ class PatternRecorder(Callback):
 
         def run_all() -> dict[str, list[Any]]:
             merged: dict[str, list[Any]] = {}
-            _pack_together([j for j in jobs if isinstance(j, _BatchRecord)])
             for job in jobs:
                 for kind, items in job().items():
                     merged.setdefault(kind, []).extend(items if isinstance(items, list) else [items])
@@ -862,62 +853,16 @@ def _class_counts_from_bits(bits: np.ndarray, width: int, labels: np.ndarray | N
     return np.rint(onehot @ active).astype(np.int32)  # exact: counts < 2**24
 
 
-class _BatchRecord:
-    """One recorded training step waiting for the writer thread (a job: call it to decode)."""
-
-    __slots__ = ("host", "event", "layout", "meta", "deferred", "packed")
-
-    def __init__(self, host: Any, event: Any, layout: list[tuple[str, str, str, int, int]],
-                 meta: dict[str, Any], deferred: dict[str, list[Any]]) -> None:
-        self.host, self.event, self.layout, self.meta = host, event, layout, meta
-        self.deferred = deferred
-        self.packed: dict[str, np.ndarray] | None = None
-
-    def __call__(self) -> dict[str, Any]:
-        if self.packed is not None:
-            return _decode_batch(self.host, self.event, self.layout, self.meta, packed=self.packed)
-        return _decode_batch(self.host, self.event, self.layout, self.meta, self.deferred)
-
-
-def _pack_together(records: list[_BatchRecord]) -> None:
-    """Pack the kept pre-activations of many steps with one comparison and one pack per layer.
-
-    Runs on the writer thread; per-op dispatch (which holds the GIL) is paid once per
-    hand-off instead of once per step.
-    """
-    layers: dict[str, list[tuple[_BatchRecord, torch.Tensor]]] = {}
-    for rec in records:
-        for layer, items in rec.deferred.items():
-            t = torch.cat([i.tensor.reshape(i.tensor.shape[0], -1) for i in items]) if len(items) > 1 else \
-                items[0].tensor.reshape(items[0].tensor.shape[0], -1)
-            layers.setdefault(layer, []).append((rec, t))
-    for rec in records:
-        rec.packed = {}
-    for layer, entries in layers.items():
-        big = torch.cat([t for _, t in entries]) if len(entries) > 1 else entries[0][1]
-        bits = pack_bits(big > 0).numpy()
-        start = 0
-        for rec, t in entries:
-            n = t.shape[0]
-            rec.packed[layer] = bits[start : start + n]  # type: ignore[index]
-            start += n
-    for rec in records:
-        rec.deferred = {}
-
-
 def _decode_batch(
     host: np.ndarray,
     event: Any,
     layout: list[tuple[str, str, str, int, int]],
     meta: dict[str, Any],
     deferred: dict[str, list[Any]] | None = None,
-    packed: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     parts = _split_layout(host, event, layout)
     for layer, items in (deferred or {}).items():
         bits = materialize(items).numpy()
-        parts.append((("bits", "train", layer, bits.shape[0], bits.shape[1]), bits))
-    for layer, bits in (packed or {}).items():
         parts.append((("bits", "train", layer, bits.shape[0], bits.shape[1]), bits))
     out: dict[str, Any] = {}
     ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
