@@ -71,7 +71,7 @@ from dynatrack.parallel.analyze import analyze_run, plan_step_ranges, write_anal
 from dynatrack.parallel.tasks import AnalyzeConfig, pattern_stats, pattern_task
 from dynatrack.store.fs import RunLocation
 from dynatrack.store.manifest import new_manifest, write_manifest
-from dynatrack.store.reader import open_run
+from dynatrack.store.reader import binary_rows, open_run
 from dynatrack.store.schema import ANALYSIS, PATTERNS
 from dynatrack.store.writer import ShardWriter
 
@@ -344,10 +344,10 @@ def proto_pattern_stats(t: pa.Table, widths: dict[str, int], steps: Sequence[int
     rows: dict[str, list[Any]] = {k: [] for k in dt_tasks.PATTERN_COUNTS.names}
     for nbytes, layer_ids in by_bytes.items():
         if len(layer_ids) == len(layer_names):
-            sel, bits = None, dt_tasks._bits_matrix(bits_col, nbytes)  # every row: no gather
+            sel, bits = None, binary_rows(bits_col, nbytes)  # every row: no gather
         else:
             sel = np.flatnonzero(np.isin(layer_col.indices.to_numpy(), layer_ids))
-            bits = dt_tasks._bits_matrix(bits_col.take(pa.array(sel)), nbytes)  # layers of other widths too
+            bits = binary_rows(bits_col.take(pa.array(sel)), nbytes)  # layers of other widths too
         c = pat.distinct_counts(bits, group if sel is None else group[sel])
         for g, n, nd, ns in zip(c.group.tolist(), c.n_samples.tolist(), c.n_distinct.tolist(), c.n_shared.tolist()):
             li, rest = divmod(g, n_steps * n_splits)
@@ -561,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bits_by_layer = {}
         for layer in widths:
             sel = np.flatnonzero(layer_np == layer)
-            bits = dt_tasks._bits_matrix(table.column("bits").take(pa.array(sel)), (widths[layer] + 7) // 8)
+            bits = binary_rows(table.column("bits").take(pa.array(sel)), (widths[layer] + 7) // 8)
             bits_by_layer[layer] = (np.ascontiguousarray(bits), step_np[sel])
 
         def pure() -> dict[tuple[int, str], int]:
