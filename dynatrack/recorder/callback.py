@@ -816,7 +816,7 @@ def _decode_probe(
     """
     parts = _split_layout(host, event, layout)
     for (what, split, layer), items in deferred or []:
-        bits = materialize(items).numpy()
+        bits = materialize(items)
         parts.append(((what, split, layer, bits.shape[0], bits.shape[1]), bits))
     out_sign = next((arr[0] for (what, *_), arr in parts if what == "out_sign"), None)
     patterns: list[PatternChunk] = []
@@ -862,7 +862,7 @@ def _decode_batch(
 ) -> dict[str, Any]:
     parts = _split_layout(host, event, layout)
     for layer, items in (deferred or {}).items():
-        bits = materialize(items).numpy()
+        bits = materialize(items)
         parts.append((("bits", "train", layer, bits.shape[0], bits.shape[1]), bits))
     out: dict[str, Any] = {}
     ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
