@@ -136,7 +136,6 @@ class Capture:
         self._seen: dict[str, int] = defaultdict(int)
         self.bits: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.counts: dict[str, torch.Tensor] = {}
-        self.widths: dict[str, int] = {}
         self.keep_bits = True
         self.enabled = False  # hooks stay attached across recorded steps; this gates them
         self.defer = False  # keep pre-activations and pack them on the writer thread (CPU)
@@ -194,7 +193,6 @@ class Capture:
                     self.bits[key].append(Deferred(x))
                 return
             active = x.detach().reshape(x.shape[0], -1) > 0
-            self.widths[key] = active.shape[1]
             if self.keep_bits:
                 self.bits[key].append(pack_bits(active))
             if self.onehot is not None:

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import TinyNet, assert_signs, loader, make_data, trainer
+from conftest import TinyNet, assert_signs, loader, trainer
 from dynatrack import PatternRecorder, open_run, schedules
 
 
@@ -87,8 +87,13 @@ def test_resume_after_a_crash_drops_the_superseded_rows(tmp_path, data):
     assert_signs(bits, z)
 
 
-def test_state_dict_round_trip():
-    rec = PatternRecorder("runs", probe=make_data(4)[0])
-    rec.load_state_dict({"run_id": "abc", "attempt": 1, "last_step": {"probe": 8}})
-    assert rec._restored == {"run_id": "abc", "attempt": 1, "last_step": {"probe": 8}}
-    assert set(rec.state_dict()) == {"run_id", "attempt", "last_step"}
+def test_state_dict_describes_the_run_on_disk(tmp_path, data):
+    x, y = data
+    rec = recorder(tmp_path / "runs", x, y)
+    trainer(7, [rec]).fit(TinyNet(), loader(x, y))
+    state = rec.state_dict()
+    assert set(state) == {"run_id", "attempt", "last_step"}
+    run = open_run(rec.run_dir)
+    assert state["run_id"] == run.run_id == run.manifest["run_id"]
+    assert state["last_step"]["probe"] == max(run.recorded_steps("patterns", source="probe"))
+    assert state["last_step"]["batch"] == max(run.recorded_steps("patterns", source="batch"))
