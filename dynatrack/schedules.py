@@ -122,7 +122,10 @@ class union:
         object.__setattr__(self, "parts", tuple(parts))
 
     def __call__(self, step: int) -> bool:
-        return any(p(step) for p in self.parts)
+        for p in self.parts:
+            if p(step):
+                return True
+        return False
 
 
 def describe(schedule: Schedule) -> str:

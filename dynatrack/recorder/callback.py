@@ -22,6 +22,7 @@ Unrecorded steps pay one schedule call per source.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -36,7 +37,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from dynatrack import schedules as sch
-from dynatrack.recorder.capture import Capture, Deferred, LayerSelectionError, materialize, select_layers, trace_layers
+from dynatrack.recorder.capture import Capture, LayerSelectionError, materialize, select_layers, trace_layers
 from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
 from dynatrack.store.fs import RunLocation, StoreError, validate_run_name
@@ -182,6 +183,7 @@ class PatternRecorder(Callback):
         self._indexed: bool | None = None
         self._counts_on_device = False
         self._grad_norm: torch.Tensor | None = None
+        self._want_steps = False  # the current step has a ``steps`` row (decided at batch start)
         self._world = 1
         self._rank = 0
 
@@ -217,7 +219,7 @@ class PatternRecorder(Callback):
         self._before_step(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if self.steps_schedule(trainer.global_step):
+        if self._want_steps:
             self._grad_norm = _grad_norm(pl_module)
 
     def on_train_batch_end(
@@ -311,9 +313,9 @@ class PatternRecorder(Callback):
             self.neuron_counts == "device" or (self.neuron_counts == "auto" and pl_module.device.type != "cpu")
         )
         if self._capture is not None:
-            # On CPU the hooks only keep the pre-activations; the writer thread packs them
-            # (torch releases the GIL), leaving the training thread almost nothing to do.
-            self._capture.defer = pl_module.device.type == "cpu"
+            # On CPU the hooks keep bool masks (one cast per layer) and the writer thread packs
+            # them; on accelerators the bits are packed on the device before the host copy.
+            self._capture.pack_on_device = pl_module.device.type != "cpu"
         restored = self._restored or {}
         run_id = restored.get("run_id") or self.run_name or _new_run_id()
         run_id = trainer.strategy.broadcast(run_id, src=0)
@@ -413,16 +415,13 @@ class PatternRecorder(Callback):
             return
         self._writer.raise_if_failed()
         step = self._step_of_batch = trainer.global_step
+        self._want_steps = self._due("steps", step, self.steps_schedule)
         self._record_weights_step(trainer, pl_module, step, final=False)
         cap = self._capture
-        assert cap is not None
         if self._due("batch", step, self.batch_schedule):
-            cap.reset()
-            cap.start_forward(keep_bits=True, onehot=None)
-            cap.attach()  # a no-op when the previous step was recorded too
-            cap.enabled = True
+            cap.start_batch()  # attaches the hooks unless the previous step was recorded too
             self._batch_active = True
-        elif cap.attached:
+        elif cap._handles:
             cap.detach()  # unrecorded steps run without hooks
 
     def _record_weights_step(self, trainer: Trainer, pl_module: LightningModule, step: int, *, final: bool) -> None:
@@ -455,35 +454,28 @@ class PatternRecorder(Callback):
         # thread counts them from the packed bits, off the training thread.
         counts_on_device = self._counts_on_device
         keep_bits = patterns or (neurons and not counts_on_device)
-        deferred: list[tuple[tuple[str, str, str], list[Any]]] = []
+        deferred: list[tuple[tuple[str, str, str], list[Any]]] = []  # bool masks, packed by the writer
         try:
             cap.attach()
             cap.enabled = True
             with torch.no_grad():
                 for split_name, split in self._shard.items():
                     chunks = self._onehots[split_name]
-                    for _attempt in range(2):  # a second, eager pass if a kept input was modified in place
-                        cap.reset()
-                        for i, onehot in enumerate(chunks):
-                            x = split.inputs[i * self.probe_batch_size : (i + 1) * self.probe_batch_size]
-                            cap.start_forward(keep_bits=keep_bits, onehot=onehot if neurons and counts_on_device else None)
-                            self.probe_forward(pl_module, x)
-                        changed = cap.modified()
-                        if not changed:
-                            break
-                        cap.defer = False
-                        log.warning("dynatrack: the inputs of %s were modified in place after the activation; "
-                                    "packing bits inside the hooks from now on", changed)
+                    cap.reset()
+                    for i, onehot in enumerate(chunks):
+                        x = split.inputs[i * self.probe_batch_size : (i + 1) * self.probe_batch_size]
+                        cap.start_forward(keep_bits=keep_bits, onehot=onehot if neurons and counts_on_device else None)
+                        self.probe_forward(pl_module, x)
                     for layer in self._widths:
                         if keep_bits:
                             what = "bits" if patterns else "nbits"
                             items = cap.bits[layer]
-                            if isinstance(items[0], Deferred):
+                            if items[0].dtype == torch.bool:
                                 deferred.append(((what, split_name, layer), list(items)))
-                                continue
-                            bits = torch.cat(items) if len(items) > 1 else items[0]
-                            pieces.append(bits)
-                            layout.append((what, split_name, layer, bits.shape[0], bits.shape[1]))
+                            else:
+                                bits = torch.cat(items) if len(items) > 1 else items[0]
+                                pieces.append(bits)
+                                layout.append((what, split_name, layer, bits.shape[0], bits.shape[1]))
                         if neurons and counts_on_device:
                             counts = cap.counts[layer].round().to(torch.int32)
                             pieces.append(counts)
@@ -512,77 +504,57 @@ class PatternRecorder(Callback):
         self._submit_pending()
 
     def _after_step(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
-        if self._writer is None:
+        """Hand the step's batch patterns and ``steps`` row to the pending records (training thread: keep it lean)."""
+        want_steps, batch_bits = self._want_steps, self._batch_active
+        if not (want_steps or batch_bits) or self._writer is None:
             return
         step = self._step_of_batch
-        want_steps = self._due("steps", step, self.steps_schedule)
-        batch_bits = self._batch_active
-        if not (want_steps or batch_bits):
-            return
-        cap = self._capture
-        assert cap is not None
         pieces: list[torch.Tensor] = []
         layout: list[tuple[str, str, str, int, int]] = []
         ids = None
-        deferred: dict[str, list[Any]] = {}
+        deferred: dict[str, list[Any]] | None = None
         if batch_bits:
-            cap.enabled = False
             self._batch_active = False
             ids = self._batch_ids(trainer, batch)
-            pieces.append(ids if ids.dtype == torch.int64 else ids.to(torch.int64))
-            layout.append(("ids", "train", "", 1, ids.numel() * 8))
-            for layer in self._drop_modified(cap, step):
-                cap.bits.pop(layer, None)
-            for layer, chunks in cap.bits.items():
-                rows = sum(int(c.tensor.shape[0]) if isinstance(c, Deferred) else int(c.shape[0]) for c in chunks)
-                if rows != ids.numel():
+            n = ids.shape[0]
+            bits = self._capture.take()  # type: ignore[union-attr]
+            pieces.append(ids)
+            layout.append(("ids", "train", "", 1, n * 8))
+            for layer, chunks in bits.items():
+                rows = chunks[0].shape[0] if len(chunks) == 1 else sum(c.shape[0] for c in chunks)
+                if rows != n:
                     raise RecorderError(
                         f"layer {layer} saw {rows} samples in the training forward but the batch has "
-                        f"{ids.numel()} sample ids; check sample_ids=... (or gradient accumulation inside training_step)"
+                        f"{n} sample ids; check sample_ids=... (or gradient accumulation inside training_step)"
                     )
-                if isinstance(chunks[0], Deferred):
-                    deferred[layer] = list(chunks)  # packed on the writer thread
+                if chunks[0].dtype == torch.bool:
+                    if deferred is None:
+                        deferred = {}
+                    deferred[layer] = chunks  # packed on the writer thread
                     continue
-                bits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-                pieces.append(bits)
-                layout.append(("bits", "train", layer, bits.shape[0], bits.shape[1]))
-            cap.reset()
+                packed = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+                pieces.append(packed)
+                layout.append(("bits", "train", layer, packed.shape[0], packed.shape[1]))
             self._last_step["batch"] = step
+        meta: dict[str, Any] = {"step": step}
         if want_steps:
+            self._want_steps = False
             loss = _loss_of(outputs).detach().float().reshape(())
             gn = self._grad_norm if self._grad_norm is not None else torch.tensor(float("nan"))
-            scalars = torch.stack([loss, gn.float().reshape(()).to(loss.device)])
-            pieces.append(scalars)
+            self._grad_norm = None
+            pieces.append(torch.stack([loss, gn.float().reshape(()).to(loss.device)]))
             layout.append(("scalars", "", "", 1, 8))
             self._last_step["steps"] = step
-        self._grad_norm = None
-        meta = {
-            "step": step,
-            "epoch": trainer.current_epoch,
-            "lr": _lr(trainer),
-            "batch_size": (ids.numel() if ids is not None else _batch_len(batch)) * self._world,
-            "wall_time": time.time(),
-        }
+            meta.update(
+                epoch=trainer.current_epoch,
+                lr=_lr(trainer),
+                batch_size=(ids.numel() if ids is not None else _batch_len(batch)) * self._world,
+                wall_time=time.time(),
+            )
         host, event = _to_host(pieces)
-        assert self._writer is not None
-        self._pending.append(lambda: _decode_batch(host, event, layout, meta, deferred))
+        self._pending.append(functools.partial(_decode_batch, host, event, layout, meta, deferred))
         if len(self._pending) >= self.submit_every:
             self._submit_pending()
-
-    def _drop_modified(self, cap: Capture, step: int) -> list[str]:
-        """Layers whose kept pre-activations were modified in place after their hook.
-
-        Their signs cannot be trusted, so their rows of this step are not written (with
-        a warning) and the recorder packs bits inside the hooks from now on.
-        """
-        changed = cap.modified()
-        if changed:
-            cap.defer = False
-            log.warning(
-                "dynatrack: the inputs of %s were modified in place after the activation (step %d); "
-                "their batch patterns of this step are not recorded, and bits are packed inside the hooks "
-                "from now on", changed, step)
-        return changed
 
     def _submit_pending(self) -> None:
         """Hand the recorded steps kept since the last hand-off to the writer as one job.
@@ -625,7 +597,11 @@ class PatternRecorder(Callback):
                 "dynatrack.IndexedDataset (batches then end with the index tensor), use dict batches with "
                 "a 'sample_id' tensor, or pass sample_ids=callable(batch) -> LongTensor"
             )
-        return torch.as_tensor(ids).reshape(-1)
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.dim() != 1:
+            ids = ids.reshape(-1)
+        return ids if ids.dtype == torch.int64 else ids.to(torch.int64)
 
     def _close(self, *, raise_errors: bool) -> None:
         if self._capture is not None:
@@ -756,8 +732,11 @@ def _to_host(pieces: list[torch.Tensor]) -> tuple[Any, Any]:
     """
     if not pieces:
         return np.zeros(0, np.uint8), None
-    if all(p.device.type == "cpu" for p in pieces):
-        return list(pieces), None
+    for p in pieces:
+        if p.device.type != "cpu":
+            break
+    else:
+        return pieces, None
     flat = torch.cat([_as_bytes(p) for p in pieces])
     host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=flat.device.type == "cuda")
     host.copy_(flat, non_blocking=True)

@@ -24,6 +24,17 @@ from dynatrack.store.schema import NEURONS, PATTERNS, STEPS
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
 
 
+def row_popcount(bits: np.ndarray) -> np.ndarray:
+    """Set bits per row of a packed ``uint8[n, b]`` array, as int32.
+
+    Per chunk rather than one ``reduceat`` over the whole shard: ``np.add.reduceat`` with
+    a million short segments cost 0.34 s per 576k-row shard, this about 20 ms.
+    """
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(bits).sum(axis=1, dtype=np.int32)
+    return POPCOUNT[bits].sum(axis=1, dtype=np.int32)
+
+
 @dataclass(frozen=True)
 class PatternChunk:
     """Rows of one (step, layer, split, source): sample ids and packed bits ``uint8[n, b]``."""
@@ -58,7 +69,7 @@ def patterns_table(chunks: list[PatternChunk]) -> pa.Table:
         bits = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
     else:
         bits = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]).cast(pa.binary())
-    n_active = np.add.reduceat(POPCOUNT[data], offsets[:-1]).astype(np.int32) if n else np.zeros(0, np.int32)
+    n_active = np.concatenate([row_popcount(c.bits) for c in chunks]) if n else np.zeros(0, np.int32)
     return pa.table(
         {
             "step": np.repeat(np.array([c.step for c in chunks], dtype=np.int64), counts),
