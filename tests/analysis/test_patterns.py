@@ -32,10 +32,14 @@ def _as_dict(t: P.DistinctTable) -> dict[int, tuple[int, int, int]]:
     }
 
 
-@pytest.fixture(params=["packed-key sort", "argsort fallback"])
+@pytest.fixture(params=["packed-key sort", "per-group sort", "argsort fallback"])
 def sort_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "argsort fallback":
         monkeypatch.setattr(P, "_MIN_HASH_BITS", 65)  # never enough bits: use the argsort path
+    if request.param == "per-group sort":
+        monkeypatch.setattr(P, "_SEGMENT_SORT_MIN", 0)  # group by code first, then sort each group
+    else:
+        monkeypatch.setattr(P, "_SEGMENT_SORT_MIN", 1 << 62)  # one sort over all keys
     return request.param
 
 
