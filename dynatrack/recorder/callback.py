@@ -14,8 +14,9 @@ step ``s`` holds that batch's loss, gradient norm and learning rate. With
 
 Hot path: on a recorded step on an accelerator the hooks pack sign bits on the
 device and the step's tensors are copied to the host once (non-blocking into
-pinned memory); on CPU the hooks only keep the pre-activations and the writer
-thread packs them (torch releases the GIL). Records go to the background writer
+pinned memory); on CPU the hooks keep one bool mask per layer (a cast, not a
+comparison: several times cheaper on CPU) and the writer thread packs it with
+``numpy.packbits``. Records go to the background writer
 ``submit_every`` steps at a time; decoding, Arrow and all file I/O happen there.
 Unrecorded steps pay one schedule call per source.
 """
@@ -84,7 +85,7 @@ class PatternRecorder(Callback):
             batch is neither a dict with ``"sample_id"`` nor comes from :class:`IndexedDataset`.
         seed: stored in the manifest (default: ``torch.initial_seed()``).
         max_queue: bound of the writer queue in jobs (back-pressure when full); with
-            ``submit_every`` it bounds the recorded steps in flight (kept pre-activations on CPU).
+            ``submit_every`` it bounds the recorded steps in flight (their bool masks, on CPU).
         rows_per_file: rows buffered per shard file.
         submit_every: recorded training steps handed to the writer thread at once
             (their host copies wait in memory until then).
