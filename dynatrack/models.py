@@ -2,7 +2,7 @@
 
 >>> dm = DigitsDataModule(batch_size=64)
 >>> dm.setup("fit"); len(dm.train_set), len(dm.test_set)
-(1437, 360)
+(1438, 359)
 >>> DigitsMLP(hidden=[32, 32])(dm.test_set.tensors[0][:2]).shape
 torch.Size([2, 10])
 """

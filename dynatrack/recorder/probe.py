@@ -5,7 +5,7 @@
 ``indices``; a ``dict`` names several splits. A bare value is the ``train`` split.
 
 >>> import torch
->>> p = Probe.build({"train": (torch.randn(10, 4), torch.arange(10) % 2), "test": torch.randn(3, 4)})
+>>> p = Probe.build({"train": (torch.randn(10, 4), torch.arange(10) % 2), "test": (torch.randn(3, 4), torch.tensor([0, 1, 1]))})
 >>> p.sizes, p.num_classes
 ({'train': 10, 'test': 3}, 2)
 >>> p.shard(rank=1, world_size=2)["train"].sample_ids.tolist()

@@ -2,7 +2,9 @@
 
 >>> import tempfile
 >>> loc = RunLocation.create(tempfile.mkdtemp(), "demo-1")
->>> loc.write_bytes_atomic("hello.txt", b"hi"); loc.read_bytes("hello.txt")
+>>> loc.write_bytes_atomic("hello.txt", b"hi")  # False (and nothing written) if the file exists
+True
+>>> loc.read_bytes("hello.txt")
 b'hi'
 """
 

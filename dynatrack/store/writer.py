@@ -10,7 +10,6 @@ training process by :meth:`ShardWriter.raise_if_failed`.
 
 >>> import tempfile, pyarrow as pa
 >>> from dynatrack.store.fs import RunLocation
-from dynatrack.store.rows import build, item_rows
 >>> from dynatrack.store.schema import STEPS
 >>> loc = RunLocation.create(tempfile.mkdtemp(), "w")
 >>> w = ShardWriter(loc, rank=0, attempt=0)
