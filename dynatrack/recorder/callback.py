@@ -538,6 +538,11 @@ class PatternRecorder(Callback):
                 layout.append(("bits", "train", layer, packed.shape[0], packed.shape[1]))
             self._last_step["batch"] = step
         meta: dict[str, Any] = {"step": step}
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        if want_steps and accumulate > 1 and self._grad_norm is None and trainer.global_step == step:
+            # gradient accumulation: the optimizer of this step has not run yet; the row is
+            # written at the micro-batch whose optimizer step ran (its gradient norm is known)
+            want_steps = False
         if want_steps:
             self._want_steps = False
             loss = _loss_of(outputs).detach().float().reshape(())
@@ -549,9 +554,11 @@ class PatternRecorder(Callback):
             meta.update(
                 epoch=trainer.current_epoch,
                 lr=_lr(trainer),
-                batch_size=(ids.numel() if ids is not None else _batch_len(batch)) * self._world,
+                batch_size=(ids.numel() if ids is not None else _batch_len(batch)) * self._world * accumulate,
                 wall_time=time.time(),
             )
+        if not pieces:
+            return
         host, event = _to_host(pieces)
         self._pending.append(functools.partial(_decode_batch, host, event, layout, meta, deferred))
         if len(self._pending) >= self.submit_every:

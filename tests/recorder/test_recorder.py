@@ -283,3 +283,23 @@ def test_in_place_change_after_the_hook_does_not_change_the_bits(tmp_path, data)
             assert len(rows) == 16
             z = manual_preacts(run.checkpoint(step), x[torch.as_tensor(rows.sample_id.to_numpy())])[k]
             assert_signs(np.stack([np.frombuffer(b, np.uint8) for b in rows.bits]), z)
+
+
+def test_steps_rows_under_gradient_accumulation(tmp_path, data):
+    """One row per optimizer step, with the gradient norm of the accumulated gradients
+    (checked against a naive float64 norm taken by another callback)."""
+    x, y = data
+    norms: dict[int, float] = {}
+
+    class NormSpy(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001, ANN201
+            sq = sum(float((p.grad.double() ** 2).sum()) for p in pl_module.parameters() if p.grad is not None)
+            norms[trainer.global_step] = sq ** 0.5
+
+    torch.manual_seed(0)
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="acc", probe=(x, y), schedule=schedules.every(1))
+    trainer(4, [rec, NormSpy()], accumulate_grad_batches=2).fit(TinyNet(), loader(x, y))
+    steps = open_run(rec.run_dir).steps().to_pandas().sort_values("step")
+    assert steps.step.tolist() == [0, 1, 2, 3]  # the final step (4) has no optimizer step, so no row
+    np.testing.assert_allclose(steps.grad_norm.to_numpy(), [norms[s] for s in steps.step], rtol=1e-5)
+    assert (steps.batch_size == 32).all()  # 2 micro-batches of 16 per optimizer step
