@@ -237,6 +237,12 @@ class Gate(pl.Callback):
     def __init__(self, inner: pl.Callback) -> None:
         self.inner = inner
         self.open = False
+        # hooks the inner callback does not override are Lightning's no-ops: not forwarded, so the
+        # "with" arm pays only the recorder's own hooks, not this harness's forwarding
+        self.overridden = frozenset(
+            name for name in dir(pl.Callback)
+            if name.startswith("on_") and getattr(type(inner), name, None) is not getattr(pl.Callback, name)
+        )
 
     @property
     def state_key(self) -> str:
@@ -251,7 +257,7 @@ class Gate(pl.Callback):
 
 def _forwarder(name: str) -> Any:
     def hook(self: Gate, *args: Any, **kwargs: Any) -> Any:
-        if self.open or name not in Gate.BATCH_HOOKS:
+        if (self.open or name not in Gate.BATCH_HOOKS) and (name in self.overridden or not name.startswith("on_")):
             return getattr(self.inner, name)(*args, **kwargs)
         return None
 

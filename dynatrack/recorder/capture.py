@@ -104,10 +104,10 @@ def active_mask(module: nn.Module, x: torch.Tensor, output: Any) -> torch.Tensor
     ``nn.ReLU``/``nn.ReLU6`` the module's own output is used, so this is one cast.
     """
     if type(module) in _OUTPUT_SIGN and isinstance(output, torch.Tensor) and output.shape == x.shape:
-        active = output.detach().bool()
+        active = output.bool()  # a bool result has no autograd history: no detach needed
     else:
         active = torch.relu(x.detach()).bool()
-    return active.reshape(active.shape[0], -1)
+    return active if active.dim() == 2 else active.reshape(active.shape[0], -1)
 
 
 def materialize(items: list[torch.Tensor]) -> np.ndarray:
