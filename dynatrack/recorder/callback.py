@@ -577,8 +577,13 @@ class PatternRecorder(Callback):
 
         def run_all() -> dict[str, list[Any]]:
             merged: dict[str, list[Any]] = {}
-            for job in jobs:
-                for kind, items in job().items():
+            batch = [job.args for job in jobs if isinstance(job, functools.partial) and job.func is _decode_batch]
+            others = [job for job in jobs if not (isinstance(job, functools.partial) and job.func is _decode_batch)]
+            results = [_decode_batches(batch)] if batch else []
+            for job in others:
+                results.append(job())
+            for result in results:
+                for kind, items in result.items():
                     merged.setdefault(kind, []).extend(items if isinstance(items, list) else [items])
             return merged
 
@@ -848,27 +853,44 @@ def _class_counts_from_bits(bits: np.ndarray, width: int, labels: np.ndarray | N
         start = end
     return counts
 
-def _decode_batch(
-    host: np.ndarray,
-    event: Any,
-    layout: list[tuple[str, str, str, int, int]],
-    meta: dict[str, Any],
-    deferred: dict[str, list[Any]] | None = None,
-) -> dict[str, Any]:
-    parts = _split_layout(host, event, layout)
-    for layer, items in (deferred or {}).items():
-        bits = materialize(items)
-        parts.append((("bits", "train", layer, bits.shape[0], bits.shape[1]), bits))
-    out: dict[str, Any] = {}
-    ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
-    patterns = [
-        PatternChunk(meta["step"], layer, split, "batch", ids, arr)  # type: ignore[arg-type]
-        for (what, split, layer, _, _), arr in parts
-        if what == "bits"
-    ]
+def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
+    """Writer-thread side of batch-source steps: ``(host, event, layout, meta, deferred)`` each.
+
+    The bool masks of each layer over all the given steps are packed by one
+    ``numpy.packbits`` call instead of one per step and layer.
+    """
+    patterns: list[PatternChunk] = []
+    steps: list[dict[str, Any]] = []
+    by_layer: dict[str, list[tuple[int, Any, list[Any]]]] = {}
+    for host, event, layout, meta, deferred in records:
+        parts = _split_layout(host, event, layout)
+        ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
+        for (what, split, layer, _, _), arr in parts:
+            if what == "bits":  # packed on the device
+                patterns.append(PatternChunk(meta["step"], layer, split, "batch", ids, arr))  # type: ignore[arg-type]
+        scalars = next((arr.reshape(-1).view(np.float32) for (what, *_), arr in parts if what == "scalars"), None)
+        if scalars is not None:
+            steps.append({**meta, "loss": float(scalars[0]), "grad_norm": float(scalars[1])})
+        for layer, items in (deferred or {}).items():
+            by_layer.setdefault(layer, []).append((meta["step"], ids, items))
+    for layer, entries in by_layer.items():
+        bits = materialize([m for _, _, items in entries for m in items])
+        start = 0
+        for step, ids, items in entries:
+            stop = start + sum(int(m.shape[0]) for m in items)
+            patterns.append(PatternChunk(step, layer, "train", "batch", ids, bits[start:stop]))
+            start = stop
+    out: dict[str, list[Any]] = {}
     if patterns:
         out["patterns"] = patterns
-    scalars = next((arr.reshape(-1).view(np.float32) for (what, *_), arr in parts if what == "scalars"), None)
-    if scalars is not None:
-        out["steps"] = {**meta, "loss": float(scalars[0]), "grad_norm": float(scalars[1])}
+    if steps:
+        out["steps"] = steps
     return out
+
+
+def _decode_batch(
+    host: Any, event: Any, layout: list[tuple[str, str, str, int, int]], meta: dict[str, Any],
+    deferred: dict[str, list[Any]] | None = None,
+) -> dict[str, list[Any]]:
+    """One batch-source step (see :func:`_decode_batches`)."""
+    return _decode_batches([(host, event, layout, meta, deferred)])

@@ -116,6 +116,10 @@ def materialize(items: list[torch.Tensor]) -> np.ndarray:
     Items are bool masks (CPU: packed here, on the writer thread, by ``numpy.packbits``)
     or already packed ``uint8`` tensors (accelerators: packed on the device).
     """
+    if all(i.dtype == torch.bool for i in items):
+        # numpy, not torch.cat: a torch op here could start an intra-op thread team beside the training's
+        masks = items[0].numpy() if len(items) == 1 else np.concatenate([i.numpy() for i in items])
+        return np.packbits(masks, axis=1, bitorder="big")
     parts = [np.packbits(i.numpy(), axis=1, bitorder="big") if i.dtype == torch.bool else i.cpu().numpy()
              for i in items]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

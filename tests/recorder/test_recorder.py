@@ -303,3 +303,21 @@ def test_steps_rows_under_gradient_accumulation(tmp_path, data):
     assert steps.step.tolist() == [0, 1, 2, 3]  # the final step (4) has no optimizer step, so no row
     np.testing.assert_allclose(steps.grad_norm.to_numpy(), [norms[s] for s in steps.step], rtol=1e-5)
     assert (steps.batch_size == 32).all()  # 2 micro-batches of 16 per optimizer step
+
+
+def test_batch_rows_with_uneven_batches_many_steps_per_hand_off(tmp_path, data):
+    """Batches of 20 and 16 rows (96 samples), 12 steps handed to the writer together:
+    every row's bits equal a float64 forward of that step's weights on that sample."""
+    x, y = data
+    torch.manual_seed(0)
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="u", batch_schedule=schedules.every(1), submit_every=16)
+    trainer(12, [rec]).fit(TinyNet(), loader(x, y, batch_size=20))
+    run = open_run(rec.run_dir)
+    t = run.patterns(source="batch").to_pandas()
+    assert sorted(set(t.step)) == list(range(12))
+    for step in range(12):
+        for k, layer in enumerate(("net.1", "net.3")):
+            rows = t[(t.step == step) & (t.layer == layer)]
+            assert len(rows) == (16 if step % 5 == 4 else 20)
+            z = manual_preacts(run.checkpoint(step), x[torch.as_tensor(rows.sample_id.to_numpy())])[k]
+            assert_signs(np.stack([np.frombuffer(b, np.uint8) for b in rows.bits]), z)
