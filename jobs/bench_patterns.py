@@ -270,50 +270,12 @@ def _med(xs: Sequence[float]) -> float:
 #   4. tasks are planned from ``ray.cluster_resources()`` (``analyze_run`` uses
 #      ``available_resources()``, which on a warm Ray often lacks "CPU" for a moment).
 # ``proto_analyze(skip_source_filter=True)`` adds: 5. leave out ``source == "probe"`` when the
-# row-group statistics prove every row is a probe row (see ``only_value``).
-
-
-def _dict_schema(schema: pa.Schema) -> tuple[pa.Schema, Any]:
-    strings = [f.name for f in schema if pa.types.is_string(f.type)]
-    fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=strings))
-    return pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in strings else f
-                      for f in schema]), fmt
+# row-group statistics prove every row is a probe row (see ``Run.only_value``).
 
 
 def _proto_table(run: Any, kind: str, filter: Any, columns: list[str]) -> pa.Table:
-    """``Run.table`` (attempt cut-offs included) with ``dictionary_strings=True``."""
-    from collections import defaultdict
-
-    from dynatrack.store.schema import TABLES
-
-    schema, fmt = _dict_schema(TABLES[kind])
-    cutoffs = run._cutoffs()
-    groups: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for f in run.files(kind):
-        groups[(f.attempt, f.rank)].append(f.path)
-    parts = []
-    for (attempt, _rank), paths in sorted(groups.items()):
-        expr = filter
-        cut = cutoffs.get(attempt, float("inf"))
-        if cut != float("inf"):
-            expr = ds.field("step") < int(cut) if expr is None else expr & (ds.field("step") < int(cut))
-        parts.append(ds.dataset(paths, schema=schema, format=fmt, filesystem=run.loc.fs).to_table(filter=expr, columns=columns))
-    return pa.concat_tables(parts)
-
-
-def only_value(run: Any, kind: str, column: str, value: str) -> bool:
-    """True when the Parquet statistics show that every row group of ``kind`` holds only ``value``
-    in ``column`` (no nulls): a filter on it can then be left out (reading ``column`` to evaluate
-    it costs about a fifth of a task's read)."""
-    for f in run.files(kind):
-        with run.loc.fs.open_input_file(f.path) as fh:
-            md = pq.ParquetFile(fh).metadata
-        idx = md.schema.to_arrow_schema().get_field_index(column)
-        for i in range(md.num_row_groups):
-            st = md.row_group(i).column(idx).statistics
-            if st is None or not st.has_min_max or st.null_count or st.min != value or st.max != value:
-                return False
-    return True
+    """The prototype's read: ``Run.table`` with dictionary strings and no rank column (adopted there)."""
+    return run.table(kind, filter=filter, columns=columns, dictionary_strings=True, with_rank=False)
 
 
 def proto_recorded_steps(run: Any, source_filter: bool = True) -> list[int]:
@@ -376,7 +338,7 @@ def proto_analyze(run_dir: str, tasks_per_cpu: int = 2, skip_source_filter: bool
     from dynatrack.parallel.analyze import _concat
 
     run = open_run(run_dir)
-    source_filter = not (skip_source_filter and only_value(run, "patterns", "source", "probe"))
+    source_filter = not (skip_source_filter and run.only_value("patterns", "source", "probe"))
     steps = proto_recorded_steps(run, source_filter)
     # cluster_resources, not available_resources: right after earlier tasks finish the latter
     # often lacks "CPU" for a moment, and analyze_run then plans tasks for 1 CPU

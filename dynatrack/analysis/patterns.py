@@ -109,12 +109,14 @@ def unpack(bits: np.ndarray, width: int) -> np.ndarray:
 
 
 def popcount(bits: np.ndarray) -> np.ndarray:
-    """Number of set bits of each row, ``int32[n]``, via the 256-entry byte table.
+    """Number of set bits of each row, ``int32[n]`` (``np.bitwise_count`` on numpy >= 2, else the byte table).
 
     >>> popcount(np.array([[0xFF, 0x01], [0x00, 0x80]], dtype=np.uint8)).tolist()
     [9, 1]
     """
     bits = _check_bits(bits)
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(bits).sum(axis=1, dtype=np.int32)
     return POPCOUNT_TABLE[bits].sum(axis=1, dtype=np.int32)
 
 

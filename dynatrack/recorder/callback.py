@@ -23,7 +23,6 @@ Unrecorded steps pay one schedule call per source.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import secrets
@@ -166,7 +165,8 @@ class PatternRecorder(Callback):
         self.max_queue = max_queue
         self.rows_per_file = rows_per_file
         self.submit_every = submit_every
-        self._pending: list[Callable[[], dict[str, Any]]] = []
+        self._pending: list[Callable[[], dict[str, Any]]] = []  # probe-step records
+        self._pending_batches: list[tuple[Any, ...]] = []  # batch-step records: _decode_batches arguments
         # set up in setup()/on_fit_start()
         self.run_id: str | None = None
         self.attempt = 0
@@ -281,7 +281,7 @@ class PatternRecorder(Callback):
                     "Pass probe inputs shaped like one training batch's inputs, or probe_forward=..."
                 ) from exc
             finally:
-                _restore_training(pl_module, was_training)
+                _restore_training(was_training)
             for other, s in self.probe.splits.items():
                 if tuple(s.inputs.shape[1:]) != tuple(first.inputs.shape[1:]):
                     raise ProbeError(
@@ -422,7 +422,7 @@ class PatternRecorder(Callback):
         if self._due("batch", step, self.batch_schedule):
             cap.start_batch()  # attaches the hooks unless the previous step was recorded too
             self._batch_active = True
-        elif cap._handles:
+        elif cap.attached:
             cap.detach()  # unrecorded steps run without hooks
 
     def _record_weights_step(self, trainer: Trainer, pl_module: LightningModule, step: int, *, final: bool) -> None:
@@ -487,7 +487,7 @@ class PatternRecorder(Callback):
                 cap.detach()
             cap.reset()
             cap.start_forward(keep_bits=True, onehot=None)
-            _restore_training(pl_module, was_training)
+            _restore_training(was_training)
         if neurons and self._out_weight is not None:
             sign = torch.sign(self._out_weight.detach()[0]).to(torch.int8)
             pieces.append(sign.reshape(1, -1))
@@ -538,11 +538,10 @@ class PatternRecorder(Callback):
                 layout.append(("bits", "train", layer, packed.shape[0], packed.shape[1]))
             self._last_step["batch"] = step
         meta: dict[str, Any] = {"step": step}
-        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        if want_steps and accumulate > 1 and self._grad_norm is None and trainer.global_step == step:
+        if want_steps and self._grad_norm is None and trainer.global_step == step:
             # gradient accumulation: the optimizer of this step has not run yet; the row is
             # written at the micro-batch whose optimizer step ran (its gradient norm is known)
-            want_steps = False
+            want_steps = _accumulation(trainer) == 1
         if want_steps:
             self._want_steps = False
             loss = _loss_of(outputs).detach().float().reshape(())
@@ -554,14 +553,14 @@ class PatternRecorder(Callback):
             meta.update(
                 epoch=trainer.current_epoch,
                 lr=_lr(trainer),
-                batch_size=(ids.numel() if ids is not None else _batch_len(batch)) * self._world * accumulate,
+                batch_size=(ids.numel() if ids is not None else _batch_len(batch)) * self._world * _accumulation(trainer),
                 wall_time=time.time(),
             )
         if not pieces:
             return
         host, event = _to_host(pieces)
-        self._pending.append(functools.partial(_decode_batch, host, event, layout, meta, deferred))
-        if len(self._pending) >= self.submit_every:
+        self._pending_batches.append((host, event, layout, meta, deferred))
+        if len(self._pending_batches) + len(self._pending) >= self.submit_every:
             self._submit_pending()
 
     def _submit_pending(self) -> None:
@@ -571,17 +570,15 @@ class PatternRecorder(Callback):
         steps, checkpoints and the end), so the writer thread wakes rarely and holds
         the GIL in few, larger slices.
         """
-        if not self._pending or self._writer is None:
+        if not (self._pending or self._pending_batches) or self._writer is None:
             return
         jobs, self._pending = self._pending, []
+        batches, self._pending_batches = self._pending_batches, []
 
         def run_all() -> dict[str, list[Any]]:
             merged: dict[str, list[Any]] = {}
-            batch = [job.args for job in jobs if isinstance(job, functools.partial) and job.func is _decode_batch]
-            others = [job for job in jobs if not (isinstance(job, functools.partial) and job.func is _decode_batch)]
-            results = [_decode_batches(batch)] if batch else []
-            for job in others:
-                results.append(job())
+            results = [_decode_batches(batches)] if batches else []
+            results += [job() for job in jobs]
             for result in results:
                 for kind, items in result.items():
                     merged.setdefault(kind, []).extend(items if isinstance(items, list) else [items])
@@ -653,9 +650,15 @@ def _training_flags(module: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in module.modules()]
 
 
-def _restore_training(module: nn.Module, flags: list[tuple[nn.Module, bool]]) -> None:
+def _restore_training(flags: list[tuple[nn.Module, bool]]) -> None:
     for m, training in flags:
         m.training = training
+
+
+def _accumulation(trainer: Trainer) -> int:
+    """Micro-batches per optimizer step (``accumulate_grad_batches``)."""
+    return int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+
 
 def _grad_norm(module: nn.Module) -> torch.Tensor | None:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -853,6 +856,7 @@ def _class_counts_from_bits(bits: np.ndarray, width: int, labels: np.ndarray | N
         start = end
     return counts
 
+
 def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
     """Writer-thread side of batch-source steps: ``(host, event, layout, meta, deferred)`` each.
 
@@ -886,11 +890,3 @@ def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
     if steps:
         out["steps"] = steps
     return out
-
-
-def _decode_batch(
-    host: Any, event: Any, layout: list[tuple[str, str, str, int, int]], meta: dict[str, Any],
-    deferred: dict[str, list[Any]] | None = None,
-) -> dict[str, list[Any]]:
-    """One batch-source step (see :func:`_decode_batches`)."""
-    return _decode_batches([(host, event, layout, meta, deferred)])

@@ -110,19 +110,14 @@ def active_mask(module: nn.Module, x: torch.Tensor, output: Any) -> torch.Tensor
     return active if active.dim() == 2 else active.reshape(active.shape[0], -1)
 
 
-def materialize(items: list[torch.Tensor]) -> np.ndarray:
-    """Packed bits ``uint8[n, ceil(w/8)]`` of one layer from its hook items.
+def materialize(masks: list[torch.Tensor]) -> np.ndarray:
+    """Packed bits ``uint8[n, ceil(w/8)]`` of CPU bool masks ``[n_i, w]`` (the CPU hooks' items), in order.
 
-    Items are bool masks (CPU: packed here, on the writer thread, by ``numpy.packbits``)
-    or already packed ``uint8`` tensors (accelerators: packed on the device).
+    One ``numpy.packbits`` over the concatenated masks, on the writer thread (numpy, not
+    ``torch.cat``: a torch op here could start an intra-op thread team beside the training's).
     """
-    if all(i.dtype == torch.bool for i in items):
-        # numpy, not torch.cat: a torch op here could start an intra-op thread team beside the training's
-        masks = items[0].numpy() if len(items) == 1 else np.concatenate([i.numpy() for i in items])
-        return np.packbits(masks, axis=1, bitorder="big")
-    parts = [np.packbits(i.numpy(), axis=1, bitorder="big") if i.dtype == torch.bool else i.cpu().numpy()
-             for i in items]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    rows = masks[0].numpy() if len(masks) == 1 else np.concatenate([m.numpy() for m in masks])
+    return np.packbits(rows, axis=1, bitorder="big")
 
 
 class Capture:
