@@ -128,6 +128,17 @@ class union:
         return False
 
 
+def is_never(schedule: Schedule) -> bool:
+    """True for :class:`never` and for a :class:`union` of nevers (a schedule known to record nothing).
+
+    >>> is_never(union([never(), never()])), is_never(every(3))
+    (True, False)
+    """
+    if isinstance(schedule, never):
+        return True
+    return isinstance(schedule, union) and all(is_never(p) for p in schedule.parts)
+
+
 def describe(schedule: Schedule) -> str:
     """A short, stable text for a schedule (stored in the manifest)."""
     return repr(schedule) if isinstance(schedule, (every, log_spaced, at, never, union)) else (

@@ -28,7 +28,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -84,10 +84,14 @@ class PatternRecorder(Callback):
             batch is neither a dict with ``"sample_id"`` nor comes from :class:`IndexedDataset`.
         seed: stored in the manifest (default: ``torch.initial_seed()``).
         max_queue: bound of the writer queue in jobs (back-pressure when full); with
-            ``submit_every`` it bounds the recorded steps in flight (their bool masks, on CPU).
+            ``submit_every``/``submit_bytes`` it bounds the recorded steps in flight (their
+            bool masks, on CPU).
         rows_per_file: rows buffered per shard file.
         submit_every: recorded training steps handed to the writer thread at once
-            (their host copies wait in memory until then).
+            (their host copies wait in memory until then); fewer, larger hand-offs
+            cost the training thread less.
+        submit_bytes: also hand over as soon as the waiting masks and bits reach this
+            many bytes (bounds memory for wide layers, e.g. conv feature maps).
         neuron_counts: where per-class neuron counts are computed: ``"device"`` (a one-hot
             matmul next to the model), ``"writer"`` (from the packed bits on the writer
             thread), or ``"auto"`` (device on accelerators, writer on CPU).
@@ -113,7 +117,8 @@ class PatternRecorder(Callback):
         seed: int | None = None,
         max_queue: int = 4,
         rows_per_file: int = 1_000_000,
-        submit_every: int = 16,
+        submit_every: int = 32,
+        submit_bytes: int = 16 * 2**20,
         neuron_counts: Literal["auto", "device", "writer"] = "auto",
     ) -> None:
         super().__init__()
@@ -124,9 +129,10 @@ class PatternRecorder(Callback):
                          ("steps_schedule", steps_schedule)):
             if s is not None and not callable(s):
                 raise RecorderError(f"{label} must be a callable step -> bool (see dynatrack.schedules), got {s!r}")
-        if submit_every < 1 or max_queue < 1 or rows_per_file < 1:
+        if submit_every < 1 or submit_bytes < 1 or max_queue < 1 or rows_per_file < 1:
             raise RecorderError(
-                f"submit_every, max_queue and rows_per_file must be >= 1, got {submit_every}, {max_queue}, {rows_per_file}")
+                "submit_every, submit_bytes, max_queue and rows_per_file must be >= 1, got "
+                f"{submit_every}, {submit_bytes}, {max_queue}, {rows_per_file}")
         if neuron_counts not in ("auto", "device", "writer"):
             raise RecorderError(f"neuron_counts must be 'auto', 'device' or 'writer', got {neuron_counts!r}")
         self.neuron_counts = neuron_counts
@@ -165,6 +171,8 @@ class PatternRecorder(Callback):
         self.max_queue = max_queue
         self.rows_per_file = rows_per_file
         self.submit_every = submit_every
+        self.submit_bytes = submit_bytes
+        self._pending_bytes = 0  # host bytes of the batch records waiting for the next hand-off
         self._pending: list[Callable[[], dict[str, Any]]] = []  # probe-step records
         self._pending_batches: list[tuple[Any, ...]] = []  # batch-step records: _decode_batches arguments
         # set up in setup()/on_fit_start()
@@ -183,8 +191,10 @@ class PatternRecorder(Callback):
         self._step_of_batch = 0
         self._indexed: bool | None = None
         self._counts_on_device = False
+        self._on_accelerator = False
         self._grad_norm: torch.Tensor | None = None
         self._want_steps = False  # the current step has a ``steps`` row (decided at batch start)
+        self._steps_live = self._weights_live = True  # some schedule may fire (set at train start)
         self._world = 1
         self._rank = 0
 
@@ -262,6 +272,9 @@ class PatternRecorder(Callback):
                 )
             self.probe = Probe.build(dm.probe())
         self._world, self._rank = trainer.world_size, trainer.global_rank
+        self._steps_live = not sch.is_never(self.steps_schedule)
+        self._weights_live = not all(
+            sch.is_never(s) for s in (self.schedule, self.neuron_schedule, self.checkpoint_schedule))
         root_loc = RunLocation.create(self.root, self.run_name or "probe-check")
         root_loc.check_writable()
         if self.probe.splits:
@@ -297,7 +310,7 @@ class PatternRecorder(Callback):
             self._capture = Capture(modules, calls)
             self._widths = widths
         else:
-            if isinstance(self.batch_schedule, sch.never):
+            if sch.is_never(self.batch_schedule):
                 raise RecorderError(
                     "nothing to record: pass probe=... (a fixed probe set) and/or batch_schedule=... "
                     "(the training batch's own patterns)"
@@ -309,10 +322,14 @@ class PatternRecorder(Callback):
     def _open_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Agree on a run id across ranks, create or reopen the run directory."""
         self._world, self._rank = trainer.world_size, trainer.global_rank
+        self._steps_live = not sch.is_never(self.steps_schedule)
+        self._weights_live = not all(
+            sch.is_never(s) for s in (self.schedule, self.neuron_schedule, self.checkpoint_schedule))
         self._indexed = None
         self._counts_on_device = (
             self.neuron_counts == "device" or (self.neuron_counts == "auto" and pl_module.device.type != "cpu")
         )
+        self._on_accelerator = pl_module.device.type != "cpu"
         if self._capture is not None:
             # On CPU the hooks keep bool masks (one cast per layer) and the writer thread packs
             # them; on accelerators the bits are packed on the device before the host copy.
@@ -416,14 +433,16 @@ class PatternRecorder(Callback):
             return
         self._writer.raise_if_failed()
         step = self._step_of_batch = trainer.global_step
-        self._want_steps = self._due("steps", step, self.steps_schedule)
-        self._record_weights_step(trainer, pl_module, step, final=False)
+        # schedules known to record nothing are not even called (this runs at every step)
+        self._want_steps = self._steps_live and self._due("steps", step, self.steps_schedule)
+        if self._weights_live:
+            self._record_weights_step(trainer, pl_module, step, final=False)
         cap = self._capture
         if self._due("batch", step, self.batch_schedule):
             cap.start_batch()  # attaches the hooks unless the previous step was recorded too
             self._batch_active = True
-        elif cap.attached:
-            cap.detach()  # unrecorded steps run without hooks
+        elif cap.batch_attached:
+            cap.detach_batch()  # unrecorded steps run without hooks
 
     def _record_weights_step(self, trainer: Trainer, pl_module: LightningModule, step: int, *, final: bool) -> None:
         """Probe patterns, neuron counts and the weights checkpoint of ``step``."""
@@ -450,13 +469,13 @@ class PatternRecorder(Callback):
         pl_module.eval()
         pieces: list[torch.Tensor] = []
         layout: list[tuple[str, str, str, int, int]] = []  # (what, split, layer, rows, cols)
-        was_attached = cap.attached
         # Neuron counts: on an accelerator a one-hot matmul on the device; on CPU the writer
         # thread counts them from the packed bits, off the training thread.
         counts_on_device = self._counts_on_device
         keep_bits = patterns or (neurons and not counts_on_device)
         deferred: list[tuple[tuple[str, str, str], list[Any]]] = []  # bool masks, packed by the writer
         try:
+            cap.detach_batch()  # the training forward's hooks must not see the probe (re-attached after)
             cap.attach()
             cap.enabled = True
             with torch.no_grad():
@@ -483,8 +502,7 @@ class PatternRecorder(Callback):
                             layout.append(("counts", split_name, layer, counts.shape[0], counts.shape[1]))
         finally:
             cap.enabled = False
-            if not was_attached:
-                cap.detach()
+            cap.detach_probe()
             cap.reset()
             cap.start_forward(keep_bits=True, onehot=None)
             _restore_training(was_training)
@@ -505,39 +523,32 @@ class PatternRecorder(Callback):
         self._submit_pending()
 
     def _after_step(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
-        """Hand the step's batch patterns and ``steps`` row to the pending records (training thread: keep it lean)."""
+        """Keep the step's batch masks and ``steps`` row as a pending record (training thread: keep it lean).
+
+        On CPU the record holds the tensors as they are (ids, bool masks, the loss and
+        gradient norm); the writer thread converts them. On an accelerator they are
+        copied to the host once, non-blocking (:func:`_to_host`).
+        """
         want_steps, batch_bits = self._want_steps, self._batch_active
         if not (want_steps or batch_bits) or self._writer is None:
             return
         step = self._step_of_batch
-        pieces: list[torch.Tensor] = []
-        layout: list[tuple[str, str, str, int, int]] = []
-        ids = None
-        deferred: dict[str, list[Any]] | None = None
+        ids = bits = None
         if batch_bits:
             self._batch_active = False
             ids = self._batch_ids(trainer, batch)
-            n = ids.shape[0]
             bits = self._capture.take()  # type: ignore[union-attr]
-            pieces.append(ids)
-            layout.append(("ids", "train", "", 1, n * 8))
+            n = ids.shape[0]
             for layer, chunks in bits.items():
-                rows = chunks[0].shape[0] if len(chunks) == 1 else sum(c.shape[0] for c in chunks)
-                if rows != n:
+                self._pending_bytes += chunks[0].nbytes
+                if len(chunks) != 1 or chunks[0].shape[0] != n:
                     raise RecorderError(
-                        f"layer {layer} saw {rows} samples in the training forward but the batch has "
-                        f"{n} sample ids; check sample_ids=... (or gradient accumulation inside training_step)"
+                        f"layer {layer} saw {sum(c.shape[0] for c in chunks)} samples in the training forward "
+                        f"but the batch has {n} sample ids; check sample_ids=... (or gradient accumulation "
+                        "or a second forward inside training_step)"
                     )
-                if chunks[0].dtype == torch.bool:
-                    if deferred is None:
-                        deferred = {}
-                    deferred[layer] = chunks  # packed on the writer thread
-                    continue
-                packed = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-                pieces.append(packed)
-                layout.append(("bits", "train", layer, packed.shape[0], packed.shape[1]))
             self._last_step["batch"] = step
-        meta: dict[str, Any] = {"step": step}
+        scalars = meta = None
         if want_steps and self._grad_norm is None and trainer.global_step == step:
             # gradient accumulation: the optimizer of this step has not run yet; the row is
             # written at the micro-batch whose optimizer step ran (its gradient norm is known)
@@ -547,20 +558,24 @@ class PatternRecorder(Callback):
             loss = _loss_of(outputs).detach().float().reshape(())
             gn = self._grad_norm if self._grad_norm is not None else torch.tensor(float("nan"))
             self._grad_norm = None
-            pieces.append(torch.stack([loss, gn.float().reshape(()).to(loss.device)]))
-            layout.append(("scalars", "", "", 1, 8))
+            scalars = torch.stack([loss, gn.float().reshape(()).to(loss.device)])
             self._last_step["steps"] = step
-            meta.update(
-                epoch=trainer.current_epoch,
-                lr=_lr(trainer),
-                batch_size=(ids.numel() if ids is not None else _batch_len(batch)) * self._world * _accumulation(trainer),
-                wall_time=time.time(),
-            )
-        if not pieces:
+            meta = {
+                "step": step,
+                "epoch": trainer.current_epoch,
+                "lr": _lr(trainer),
+                "batch_size": (ids.numel() if ids is not None else _batch_len(batch)) * self._world * _accumulation(trainer),
+                "wall_time": time.time(),
+            }
+        if ids is None and meta is None:
             return
-        host, event = _to_host(pieces)
-        self._pending_batches.append((host, event, layout, meta, deferred))
-        if len(self._pending_batches) + len(self._pending) >= self.submit_every:
+        if self._on_accelerator:
+            self._pending_batches.append(_device_record(step, ids, bits, scalars, meta))
+        else:
+            self._pending_batches.append((step, ids, bits, scalars, meta))
+        if len(self._pending_batches) + len(self._pending) >= self.submit_every or (
+            self._pending_bytes >= self.submit_bytes
+        ):
             self._submit_pending()
 
     def _submit_pending(self) -> None:
@@ -574,6 +589,7 @@ class PatternRecorder(Callback):
             return
         jobs, self._pending = self._pending, []
         batches, self._pending_batches = self._pending_batches, []
+        self._pending_bytes = 0
 
         def run_all() -> dict[str, list[Any]]:
             merged: dict[str, list[Any]] = {}
@@ -857,33 +873,74 @@ def _class_counts_from_bits(bits: np.ndarray, width: int, labels: np.ndarray | N
     return counts
 
 
-def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
-    """Writer-thread side of batch-source steps: ``(host, event, layout, meta, deferred)`` each.
+class _HostRecord(NamedTuple):
+    """A batch step's record on an accelerator: its tensors after one non-blocking host copy."""
 
-    The bool masks of each layer over all the given steps are packed by one
-    ``numpy.packbits`` call instead of one per step and layer.
+    step: int
+    host: Any
+    event: Any
+    layout: list[tuple[str, str, str, int, int]]
+    meta: dict[str, Any] | None
+
+
+def _device_record(
+    step: int, ids: torch.Tensor | None, bits: dict[str, list[torch.Tensor]] | None, scalars: torch.Tensor | None,
+    meta: dict[str, Any] | None,
+) -> _HostRecord:
+    """Concatenate a batch step's device tensors (ids, packed bits, loss and gradient norm) into one host copy."""
+    pieces: list[torch.Tensor] = []
+    layout: list[tuple[str, str, str, int, int]] = []
+    if ids is not None and bits is not None:
+        pieces.append(ids)
+        layout.append(("ids", "train", "", 1, ids.shape[0] * 8))
+        for layer, chunks in bits.items():
+            packed = chunks[0]
+            pieces.append(packed)
+            layout.append(("bits", "train", layer, packed.shape[0], packed.shape[1]))
+    if scalars is not None:
+        pieces.append(scalars)
+        layout.append(("scalars", "", "", 1, 8))
+    host, event = _to_host(pieces)
+    return _HostRecord(step, host, event, layout, meta)
+
+
+def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
+    """Writer-thread side of the batch-source steps of one hand-off.
+
+    Each record is a CPU record ``(step, ids, bits, scalars, meta)`` (tensors; ``bits``
+    maps a layer to its bool masks) or a :class:`_HostRecord` (accelerators). Per layer, the rows of all the hand-off's steps
+    become one :class:`PatternChunk` (a ``step`` per row): one ``numpy.packbits`` and a
+    handful of Python objects per layer and hand-off, whatever the number of steps.
     """
-    patterns: list[PatternChunk] = []
     steps: list[dict[str, Any]] = []
-    by_layer: dict[str, list[tuple[int, Any, list[Any]]]] = {}
-    for host, event, layout, meta, deferred in records:
-        parts = _split_layout(host, event, layout)
-        ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
-        for (what, split, layer, _, _), arr in parts:
-            if what == "bits":  # packed on the device
-                patterns.append(PatternChunk(meta["step"], layer, split, "batch", ids, arr))  # type: ignore[arg-type]
-        scalars = next((arr.reshape(-1).view(np.float32) for (what, *_), arr in parts if what == "scalars"), None)
-        if scalars is not None:
+    by_layer: dict[str, list[tuple[int, np.ndarray, Any]]] = {}  # layer -> (step, ids, masks or packed bits)
+    for record in records:
+        if isinstance(record, _HostRecord):
+            step, host, event, layout, meta = record
+            parts = _split_layout(host, event, layout)
+            ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
+            for (what, _, layer, _, _), arr in parts:
+                if what == "bits":  # packed on the device
+                    by_layer.setdefault(layer, []).append((step, ids, arr))  # type: ignore[arg-type]
+            scalars = next((arr.reshape(-1).view(np.float32) for (what, *_), arr in parts if what == "scalars"), None)
+        else:
+            step, ids_t, bits, scalars_t, meta = record
+            if bits is not None:
+                ids = ids_t.numpy()
+                for layer, masks in bits.items():
+                    by_layer.setdefault(layer, []).append((step, ids, masks))
+            scalars = scalars_t.numpy() if scalars_t is not None else None
+        if meta is not None and scalars is not None:
             steps.append({**meta, "loss": float(scalars[0]), "grad_norm": float(scalars[1])})
-        for layer, items in (deferred or {}).items():
-            by_layer.setdefault(layer, []).append((meta["step"], ids, items))
+    patterns: list[PatternChunk] = []
     for layer, entries in by_layer.items():
-        bits = materialize([m for _, _, items in entries for m in items])
-        start = 0
-        for step, ids, items in entries:
-            stop = start + sum(int(m.shape[0]) for m in items)
-            patterns.append(PatternChunk(step, layer, "train", "batch", ids, bits[start:stop]))
-            start = stop
+        if isinstance(entries[0][2], np.ndarray):
+            bits = np.concatenate([e[2] for e in entries]) if len(entries) > 1 else entries[0][2]
+        else:
+            bits = materialize([m for e in entries for m in e[2]])
+        ids = np.concatenate([e[1] for e in entries]) if len(entries) > 1 else entries[0][1]
+        step_of_row = np.repeat(np.array([e[0] for e in entries], np.int64), [len(e[1]) for e in entries])
+        patterns.append(PatternChunk(step_of_row, layer, "train", "batch", ids, bits))
     out: dict[str, list[Any]] = {}
     if patterns:
         out["patterns"] = patterns

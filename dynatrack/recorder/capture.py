@@ -110,23 +110,46 @@ def active_mask(module: nn.Module, x: torch.Tensor, output: Any) -> torch.Tensor
     return active if active.dim() == 2 else active.reshape(active.shape[0], -1)
 
 
-def materialize(masks: list[torch.Tensor]) -> np.ndarray:
-    """Packed bits ``uint8[n, ceil(w/8)]`` of CPU bool masks ``[n_i, w]`` (the CPU hooks' items), in order.
+_SPREAD = np.uint64(0x8040201008040201)
 
-    One ``numpy.packbits`` over the concatenated masks, on the writer thread (numpy, not
-    ``torch.cat``: a torch op here could start an intra-op thread team beside the training's).
+
+def materialize(masks: list[Any]) -> np.ndarray:
+    """Packed bits ``uint8[n, ceil(w/8)]`` of CPU bool masks ``[n_i, ...]`` (the CPU hooks' items), in order.
+
+    Masks with more than two dimensions (a conv layer's ``[n, c, h, w]``) are flattened
+    per sample. Runs on the writer thread, so it is written to leave the GIL to the
+    training thread: ``numpy.packbits`` holds the GIL for its whole run, but ufuncs and
+    copies release it. When the width is a multiple of 8, each 8 bools (bytes 0/1) are
+    read as one uint64 and multiplied by 0x8040201008040201, which gathers the eight bits
+    into the top byte (as :func:`pack_bits` does on a device): a multiply, a shift and a
+    cast, all without the GIL. Same bit order as ``numpy.packbits(..., bitorder="big")``.
+    (numpy, not torch: a torch op here could start an intra-op thread team beside the
+    training's.)
     """
-    rows = masks[0].numpy() if len(masks) == 1 else np.concatenate([m.numpy() for m in masks])
-    return np.packbits(rows, axis=1, bitorder="big")
+    arrays = [m.numpy() if isinstance(m, torch.Tensor) else m for m in masks]
+    arrays = [a if a.ndim == 2 else a.reshape(a.shape[0], -1) for a in arrays]
+    owned = len(arrays) > 1
+    rows = np.concatenate(arrays) if owned else np.ascontiguousarray(arrays[0])
+    if rows.dtype != np.bool_ or rows.shape[1] % 8 or sys.byteorder != "little":
+        return np.packbits(rows, axis=1, bitorder="big")
+    words = rows.view(np.uint64)
+    gathered = np.multiply(words, _SPREAD, out=words if owned else None)  # in place when the copy is ours
+    np.right_shift(gathered, np.uint64(56), out=gathered)
+    return gathered.astype(np.uint8)
 
 
 class Capture:
-    """Forward hooks that turn each selected module's input into packed sign bits.
+    """Forward hooks that turn each selected module's input sign into pattern bits.
 
-    Hooks are attached only while recording (:meth:`attach` / :meth:`detach`),
-    so steps that are not recorded pay nothing. Per call of a hooked module the
-    hook stores the packed bits, and, when ``labels`` are set, accumulates per
-    class activation counts (for neuron partitions) on the device.
+    Two sets of hooks, each attached only while it records, so steps that are not
+    recorded pay nothing:
+
+    * probe hooks (:meth:`attach` / :meth:`detach_probe`), around the probe forwards:
+      per call they keep the bits and/or accumulate per-class activation counts on
+      the device (:meth:`start_forward`);
+    * batch hooks (:meth:`start_batch` / :meth:`take` / :meth:`detach_batch`) on the
+      training forward: one lean closure per module that appends one mask to its
+      slot (on CPU a bool tensor the writer thread packs; on accelerators packed bits).
     """
 
     def __init__(self, modules: list[tuple[str, nn.Module]], calls: dict[str, int] | None = None) -> None:
@@ -140,6 +163,9 @@ class Capture:
         self.enabled = False  # hooks stay attached across recorded steps; this gates them
         self.pack_on_device = True  # False on CPU: keep bool masks, the writer thread packs them
         self.onehot: torch.Tensor | None = None  # [C, n] float, or [1, n] ones without labels
+        # the training batch's hooks: one lean hook per module, appending to its slot
+        self._batch_handles: list[Any] = []
+        self._slots: list[list[torch.Tensor]] = [[] for _ in modules]
 
     @property
     def names(self) -> list[str]:
@@ -150,18 +176,20 @@ class Capture:
             out.extend([name] if k == 1 else [f"{name}@{i}" for i in range(k)])
         return out
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def attach(self) -> None:
+        """Attach the probe hooks (per call: bits and/or per-class counts, see :meth:`start_forward`)."""
         if not self._handles:
             self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
 
-    def detach(self) -> None:
+    def detach_probe(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def detach(self) -> None:
+        """Remove every hook (the probe hooks and the batch hooks)."""
+        self.detach_probe()
+        self.detach_batch()
 
     def start_forward(self, *, keep_bits: bool = True, onehot: torch.Tensor | None = None) -> None:
         """Reset the per-forward call counter; set what the next forward should collect."""
@@ -173,22 +201,81 @@ class Capture:
         self.bits.clear()
         self.counts.clear()
 
+    @property
+    def batch_attached(self) -> bool:
+        return bool(self._batch_handles)
+
     def start_batch(self) -> None:
-        """Record the patterns of the next (training) forward: attach the hooks and enable them."""
-        self.bits = defaultdict(list)
-        self.counts.clear()
-        self._seen.clear()
-        self.keep_bits = True
-        self.onehot = None
-        if not self._handles:
-            self.attach()
+        """Record the patterns of the next (training) forward: attach the batch hooks and enable them.
+
+        The batch hooks stay attached across consecutive recorded steps (attaching costs
+        more than the hooks); :meth:`take` disables them, :meth:`detach_batch` removes them.
+        """
+        if not self._batch_handles:
+            self._batch_handles = [m.register_forward_hook(self._batch_hook(i, m)) for i, (_, m) in enumerate(self.modules)]
+        for slot in self._slots:
+            if slot:
+                slot.clear()  # left over from a step that failed before take()
         self.enabled = True
 
-    def take(self) -> dict[str, list[Any]]:
-        """Stop recording and hand over the collected items per layer (the capture starts empty again)."""
+    def detach_batch(self) -> None:
+        for h in self._batch_handles:
+            h.remove()
+        self._batch_handles = []
         self.enabled = False
-        bits, self.bits = self.bits, defaultdict(list)
-        return bits
+
+    def take(self) -> dict[str, list[torch.Tensor]]:
+        """Stop recording and hand over the batch forward's masks (or packed bits) per layer.
+
+        A module called ``k > 1`` times per forward gives ``name@0`` ... ``name@{k-1}``;
+        a module not called at all is absent.
+        """
+        self.enabled = False
+        out: dict[str, list[torch.Tensor]] = {}
+        slots = self._slots
+        for i, (name, _) in enumerate(self.modules):
+            items = slots[i]
+            if not items:
+                continue
+            slots[i] = []
+            if self.calls.get(name, 1) == 1:
+                out[name] = items
+            else:
+                for j, item in enumerate(items):
+                    out[f"{name}@{j}"] = [item]
+        return out
+
+    def _batch_hook(self, i: int, module: nn.Module) -> Callable[..., None]:
+        """The training forward's hook for module ``i``: as little Python as possible.
+
+        It appends the module's mask (CPU: a bool tensor, one cast; accelerators: bits
+        packed on the device) to slot ``i``. All checks that do not depend on the step
+        (module type, device) are made here, once.
+        """
+        cap, slots = self, self._slots
+        if type(module) in _OUTPUT_SIGN:  # ReLU / ReLU6: the module's output is zero exactly where x <= 0
+            if self.pack_on_device:
+
+                def hook(m: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+                    if cap.enabled:
+                        slots[i].append(pack_bits(output.bool().reshape(output.shape[0], -1)))
+
+            else:
+
+                def hook(m: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+                    if cap.enabled:
+                        slots[i].append(output.bool())
+
+            return hook
+
+        on_device = self.pack_on_device
+
+        def gate_hook(m: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if cap.enabled and args and isinstance(args[0], torch.Tensor):
+                active = torch.relu(args[0].detach()).bool()
+                slots[i].append(pack_bits(active.reshape(active.shape[0], -1)) if on_device else active)
+
+        return gate_hook
 
     def _hook(self, name: str) -> Callable[..., None]:
         single = self.calls.get(name, 1) == 1

@@ -25,9 +25,13 @@ from dynatrack.store.schema import NEURONS, PATTERNS, STEPS
 
 @dataclass(frozen=True)
 class PatternChunk:
-    """Rows of one (step, layer, split, source): sample ids and packed bits ``uint8[n, b]``."""
+    """Rows of one (layer, split, source): sample ids and packed bits ``uint8[n, b]``.
 
-    step: int
+    ``step`` is one step for all rows, or an int64 array with each row's step (the
+    batch source hands over several steps of a layer as one chunk).
+    """
+
+    step: int | np.ndarray
     layer: str
     split: str
     source: str
@@ -38,15 +42,30 @@ class PatternChunk:
         return len(self.sample_ids)
 
 
-def _dict_column(values: list[str], counts: list[int]) -> pa.Array:
+def _dict_column(values: list[str], counts: list[int], dictionary: bool = False) -> pa.Array:
     labels = sorted(set(values))
     code = {v: i for i, v in enumerate(labels)}
     indices = np.repeat(np.array([code[v] for v in values], dtype=np.int32), counts)
-    return pa.DictionaryArray.from_arrays(indices, pa.array(labels, pa.string())).cast(pa.string())
+    out = pa.DictionaryArray.from_arrays(indices, pa.array(labels, pa.string()))
+    return out if dictionary else out.cast(pa.string())
 
 
-def patterns_table(chunks: list[PatternChunk]) -> pa.Table:
-    """One ``patterns`` table (schema v1) from many chunks, without a per-row loop."""
+def _step_column(chunks: list[Any], counts: list[int]) -> np.ndarray:
+    if all(isinstance(c.step, (int, np.integer)) for c in chunks):
+        return np.repeat(np.array([c.step for c in chunks], dtype=np.int64), counts)
+    return np.concatenate([
+        np.full(n, c.step, np.int64) if isinstance(c.step, (int, np.integer)) else np.asarray(c.step, np.int64)
+        for c, n in zip(chunks, counts)
+    ])
+
+
+def patterns_table(chunks: list[PatternChunk], *, dictionary: bool = False) -> pa.Table:
+    """One ``patterns`` table (schema v1) from many chunks, without a per-row loop.
+
+    ``dictionary=True`` leaves the string columns (layer, split, source) dictionary-encoded,
+    as the writer hands them to Parquet (which stores strings so anyway): casting a
+    shard's million rows to plain strings first costs more than writing them.
+    """
     counts = [len(c) for c in chunks]
     widths = np.repeat(np.array([c.bits.shape[1] for c in chunks], dtype=np.int64), counts)
     offsets = np.zeros(len(widths) + 1, dtype=np.int64)
@@ -61,16 +80,22 @@ def patterns_table(chunks: list[PatternChunk]) -> pa.Table:
     n_active = np.concatenate([popcount(c.bits) for c in chunks]) if n else np.zeros(0, np.int32)
     return pa.table(
         {
-            "step": np.repeat(np.array([c.step for c in chunks], dtype=np.int64), counts),
-            "layer": _dict_column([c.layer for c in chunks], counts),
+            "step": _step_column(chunks, counts),
+            "layer": _dict_column([c.layer for c in chunks], counts, dictionary),
             "sample_id": np.concatenate([np.asarray(c.sample_ids, dtype=np.int64) for c in chunks]) if chunks else np.zeros(0, np.int64),
-            "split": _dict_column([c.split for c in chunks], counts),
-            "source": _dict_column([c.source for c in chunks], counts),
+            "split": _dict_column([c.split for c in chunks], counts, dictionary),
+            "source": _dict_column([c.source for c in chunks], counts, dictionary),
             "bits": bits,
             "n_active": n_active,
         },
-        schema=PATTERNS,
+        schema=_with_dictionaries(PATTERNS) if dictionary else PATTERNS,
     )
+
+
+def _with_dictionaries(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with its string columns as ``dictionary<int32, string>``."""
+    return pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if pa.types.is_string(f.type) else f
+                      for f in schema])
 
 
 @dataclass(frozen=True)
@@ -138,11 +163,17 @@ def steps_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def build(kind: str, items: list[Any]) -> pa.Table:
-    """Concatenate the buffered items of one table: Arrow tables, chunks or row dicts."""
+    """Concatenate the buffered items of one table: Arrow tables, chunks or row dicts.
+
+    Pattern chunks alone give a table whose string columns are dictionary-encoded
+    (see :func:`patterns_table`); the writer stores them as Parquet strings either way.
+    """
     tables = [i for i in items if isinstance(i, pa.Table)]
     chunks = [i for i in items if isinstance(i, PatternChunk)]
     neuron_chunks = [i for i in items if isinstance(i, NeuronChunk)]
     rows = [i for i in items if isinstance(i, dict)]
+    if chunks and len(chunks) == len(items):
+        return patterns_table(chunks, dictionary=True)
     if chunks:
         tables.append(patterns_table(chunks))
     if neuron_chunks:

@@ -221,7 +221,10 @@ class ShardWriter:
             raise WriterError(f"shard {target} already exists; refusing to overwrite it")
         tmp = self.loc.join(rel_dir, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
         with fs.open_output_stream(tmp) as sink:
-            pq.write_table(table, sink, compression="zstd", row_group_size=self.row_group_rows, **_encoding(table.schema))
+            # store_schema=False: the Arrow schema is not kept in the file, so a dictionary-encoded
+            # column handed over by rows.build reads back as the plain string of schema v1
+            pq.write_table(table, sink, compression="zstd", row_group_size=self.row_group_rows,
+                           store_schema=False, **_encoding(table.schema))
         fs.move(tmp, target)
         self.files_written.append(target)
         self._buffers[kind] = []

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynatrack.recorder.capture import LayerSelectionError, pack_bits, select_layers
+from dynatrack.recorder.capture import LayerSelectionError, materialize, pack_bits, select_layers
 
 
 @pytest.mark.parametrize("width", [1, 7, 8, 9, 64, 100])
@@ -13,6 +13,22 @@ def test_pack_bits_equals_numpy_packbits(width):
     g = torch.Generator().manual_seed(width)
     active = torch.rand(33, width, generator=g) > 0.5
     np.testing.assert_array_equal(pack_bits(active).numpy(), np.packbits(active.numpy(), axis=1, bitorder="big"))
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(5, 16)], [(3, 256), (4, 256), (1, 256)], [(2, 9)], [(3, 2, 4, 4), (1, 2, 4, 4)], [(0, 8), (3, 8)], [(6, 3)]],
+)
+def test_materialize_equals_numpy_packbits_and_leaves_the_masks_alone(shapes):
+    # the writer's GIL-free packing (multiply-gather on uint64 words) against numpy.packbits
+    rng = np.random.default_rng(len(shapes))
+    masks = [torch.from_numpy(rng.random(s) > 0.5) for s in shapes]
+    before = [m.clone() for m in masks]
+    rows = np.concatenate([m.numpy().reshape(m.shape[0], int(np.prod(m.shape[1:]))) for m in masks])
+    got = materialize(masks)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.packbits(rows, axis=1, bitorder="big"))
+    assert all(torch.equal(a, b) for a, b in zip(masks, before))
 
 
 def test_select_by_type_and_glob_in_forward_order():
