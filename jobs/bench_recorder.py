@@ -22,8 +22,11 @@ Configurations (the issue's targets in brackets):
 * ``c``: digits MLP as ``a``, ``probe`` source with 1,024 samples, ``schedule=every(10)``,
   neurons at the same steps (recorder overhead <= probe forward cost + 2%). The
   probe work lands on one step in ten, so for ``c`` the headline ratio is over
-  10-step windows (one probe step each), and the plain probe forward (no_grad,
-  eval, same chunks) is timed inside the same fit and amortized over 10 steps.
+  10-step windows (one probe step each). The probe forward's cost is measured by a
+  fourth arm, ``probe_forward``: a callback that runs only the plain probe forwards
+  (no_grad, eval, same chunks, at the same steps), the hand-written alternative; the
+  headline is ``ratio(with) - (ratio(probe_forward) - 1)``. (The probe forward timed
+  back to back outside the steps, warm, is reported too, as ``probe_forward_isolated``.)
 
 Also: process RSS (``VmRSS``, and the peak ``VmHWM``) along one long run of ``a``
 inside a single Trainer (1k ... 10k recorded steps), to show memory does not
@@ -139,7 +142,7 @@ class Config:
     source: str  # "batch" or "probe"
     probe_size: int = 0
     period: int = 1  # recorded every `period` steps
-    arms: tuple[str, ...] = ("without", "with", "with_default_checkpointing")
+    arms: tuple[str, ...] = ("without", "with", "with_default_checkpointing")  # + "probe_forward" for probe configs
     x: torch.Tensor | None = field(default=None, repr=False)
     y: torch.Tensor | None = field(default=None, repr=False)
 
@@ -359,6 +362,32 @@ def probe_forward_s(x: torch.Tensor, model: nn.Module, chunk: int = 1024, repeat
     return out
 
 
+class ProbeForward(pl.Callback):
+    """The hand-written alternative to the probe source: at every ``period``-th step, the plain
+    probe forward (eval mode, ``torch.no_grad``, chunks of ``chunk``), mode restored; nothing kept.
+
+    As the ``probe_forward`` arm it measures, inside the fit and at the same steps, what
+    the probe forward passes themselves cost the training (including their effect on the
+    caches and allocator of the steps around them).
+    """
+
+    def __init__(self, x: torch.Tensor, period: int, chunk: int = 1024) -> None:
+        self.x, self.period, self.chunk = x, period, chunk
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.period == 0:
+            was = pl_module.training
+            pl_module.eval()
+            try:
+                with torch.no_grad():
+                    for i in range(0, len(self.x), self.chunk):
+                        pl_module(self.x[i : i + self.chunk])
+            finally:
+                pl_module.train(was)
+
+
 def segment_samples(
     starts: list[float], segments: list[Segment], arm: str, *, settle: int, period: int
 ) -> list[list[float]]:
@@ -404,14 +433,18 @@ def measure(cfg: Config, plan: "Plan", seed: int, arms: Sequence[str] | None = N
     """One ``Trainer.fit`` of ``cfg`` whose steps alternate between the arms in short segments."""
     assert cfg.x is not None and cfg.y is not None
     arms = list(arms or cfg.arms)
+    if cfg.source == "probe" and "probe_forward" not in arms:
+        arms.append("probe_forward")
     torch.manual_seed(seed)
     model = BenchModule(cfg.in_features, cfg.hidden, 10)
     segments = plan_segments(arms, plan.cycles, plan.segment, plan.ckpt_every, seed)
-    roots = {arm: tempfile.mkdtemp(prefix="dynatrack-bench-") for arm in arms if arm != "without"}
+    roots = {arm: tempfile.mkdtemp(prefix="dynatrack-bench-") for arm in arms if arm in ("with", "with_default_checkpointing")}
     gates = {
         arm: Gate(cfg.recorder(root, checkpoints=arm == "with_default_checkpointing")) for arm, root in roots.items()
     }
     probe_x = cfg.x[: cfg.probe_size] if cfg.source == "probe" else None
+    if probe_x is not None:
+        gates["probe_forward"] = Gate(ProbeForward(probe_x, cfg.period))
     timer = (lambda module: probe_forward_s(probe_x, module)) if probe_x is not None else None
     driver = Interleaver(segments, gates, timer, budget_s=plan.budget_s)
     steps = sum(seg.length for seg in segments) + 1
@@ -436,7 +469,7 @@ def measure(cfg: Config, plan: "Plan", seed: int, arms: Sequence[str] | None = N
         "schedule": f"every({period})",
         "torch_threads": torch.get_num_threads(),
         "segment_steps": plan.segment,
-        "recorder_submit_every": next(iter(gates.values())).inner.submit_every if gates else None,
+        "recorder_submit_every": gates["with"].inner.submit_every,
         "settle_steps_dropped_per_segment": settle,
         "cycles_planned": plan.cycles,
         "stopped_by_time_budget": driver.stopped_at_cycle is not None,
@@ -472,16 +505,23 @@ def measure(cfg: Config, plan: "Plan", seed: int, arms: Sequence[str] | None = N
     else:
         probe_ms = statistics.median(driver.probe_s) * 1e3
         frac = probe_ms / period / out["without"]["median_step_ms"]
-        out["probe_forward"] = {
+        in_fit = out["probe_forward"]["ratio_median"] - 1
+        out["probe_forward"]["how"] = (
+            "arm: a callback running only the plain probe forwards (eval, no_grad, chunks of 1024) at "
+            "the same steps; its ratio - 1 is the probe cost the headline subtracts")
+        out["probe_forward_isolated"] = {
             "samples": cfg.probe_size,
             "chunk": 1024,
-            "how": "plain forward, eval mode, torch.no_grad, timed inside the same fit at each without segment",
+            "how": "plain forward, eval mode, torch.no_grad, timed 3x back to back at each without segment "
+            "(warm caches: a lower bound of the cost inside training)",
             "median_ms": round(probe_ms, 4),
             "amortized_per_step_ms": round(probe_ms / period, 4),
             "fraction_of_step": round(frac, 4),
             "n_timings": len(driver.probe_s),
         }
-        out["ratio_minus_probe_cost"] = round(with_["ratio_median"] - frac, 4)
+        out["probe_cost_fraction"] = round(in_fit, 4)
+        out["ratio_minus_probe_cost"] = round(with_["ratio_median"] - in_fit, 4)
+        out["ratio_minus_isolated_probe_cost"] = round(with_["ratio_median"] - frac, 4)
         out["target"] = f"ratio_minus_probe_cost <= {1 + TARGET_PROBE_EXCESS}"
         out["pass"] = out["ratio_minus_probe_cost"] <= 1 + TARGET_PROBE_EXCESS
     return out
@@ -557,7 +597,7 @@ class Plan:
 PLANS: dict[str, dict[str, Plan]] = {
     # batch-source segments span two of the recorder's hand-offs (submit_every=32), so the writer
     # thread's work for a segment's steps runs inside that segment, not in the next arm's
-    "full": {"a": Plan(60, 64), "b": Plan(16, 64), "c": Plan(36, 40, settle=10, budget_s=45)},
+    "full": {"a": Plan(100, 64), "b": Plan(16, 64), "c": Plan(36, 40, settle=10, budget_s=45)},
     "quick": {"a": Plan(8, 64, budget_s=8), "b": Plan(3, 64, budget_s=8), "c": Plan(8, 40, settle=10, budget_s=6)},
 }
 PLANS_DEFAULT_THREADS: dict[str, dict[str, Plan]] = {

@@ -113,29 +113,42 @@ def active_mask(module: nn.Module, x: torch.Tensor, output: Any) -> torch.Tensor
 _SPREAD = np.uint64(0x8040201008040201)
 
 
-def materialize(masks: list[Any]) -> np.ndarray:
-    """Packed bits ``uint8[n, ceil(w/8)]`` of CPU bool masks ``[n_i, ...]`` (the CPU hooks' items), in order.
+def concat_masks(masks: list[Any]) -> tuple[np.ndarray, bool]:
+    """CPU bool masks ``[n_i, ...]`` as one bool ``[sum n_i, w]`` array, and whether it is a fresh copy.
 
     Masks with more than two dimensions (a conv layer's ``[n, c, h, w]``) are flattened
-    per sample. Runs on the writer thread, so it is written to leave the GIL to the
-    training thread: ``numpy.packbits`` holds the GIL for its whole run, but ufuncs and
-    copies release it. When the width is a multiple of 8, each 8 bools (bytes 0/1) are
-    read as one uint64 and multiplied by 0x8040201008040201, which gathers the eight bits
-    into the top byte (as :func:`pack_bits` does on a device): a multiply, a shift and a
-    cast, all without the GIL. Same bit order as ``numpy.packbits(..., bitorder="big")``.
-    (numpy, not torch: a torch op here could start an intra-op thread team beside the
-    training's.)
+    per sample. ``numpy.concatenate`` copies without holding the GIL.
     """
     arrays = [m.numpy() if isinstance(m, torch.Tensor) else m for m in masks]
     arrays = [a if a.ndim == 2 else a.reshape(a.shape[0], -1) for a in arrays]
-    owned = len(arrays) > 1
-    rows = np.concatenate(arrays) if owned else np.ascontiguousarray(arrays[0])
-    if rows.dtype != np.bool_ or rows.shape[1] % 8 or sys.byteorder != "little":
+    if len(arrays) > 1:
+        return np.concatenate(arrays), True
+    return np.ascontiguousarray(arrays[0]), False
+
+
+def pack_rows(rows: np.ndarray, owned: bool = False) -> np.ndarray:
+    """Packed bits ``uint8[n, ceil(w/8)]`` of a bool ``[n, w]`` array; ``owned=True`` lets it reuse ``rows``' memory.
+
+    Runs on the writer thread, so it is written to leave the GIL to the training
+    thread: ``numpy.packbits`` holds the GIL for its whole run, but ufuncs release it.
+    When the width is a multiple of 8, each 8 bools (bytes 0/1) are read as one uint64
+    and multiplied by 0x8040201008040201, which gathers the eight bits into the top byte
+    (as :func:`pack_bits` does on a device): a multiply, a shift and a cast, all without
+    the GIL. Same bit order as ``numpy.packbits(..., bitorder="big")``. (numpy, not torch:
+    a torch op here could start an intra-op thread team beside the training's.)
+    """
+    if rows.dtype != np.bool_ or rows.shape[1] % 8 or sys.byteorder != "little" or not rows.flags.c_contiguous:
         return np.packbits(rows, axis=1, bitorder="big")
     words = rows.view(np.uint64)
-    gathered = np.multiply(words, _SPREAD, out=words if owned else None)  # in place when the copy is ours
+    gathered = np.multiply(words, _SPREAD, out=words if owned else None)
     np.right_shift(gathered, np.uint64(56), out=gathered)
     return gathered.astype(np.uint8)
+
+
+def materialize(masks: list[Any]) -> np.ndarray:
+    """Packed bits ``uint8[n, ceil(w/8)]`` of CPU bool masks ``[n_i, ...]`` (the CPU hooks' items), in order."""
+    rows, owned = concat_masks(masks)
+    return pack_rows(rows, owned)
 
 
 class Capture:

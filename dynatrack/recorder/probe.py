@@ -124,13 +124,19 @@ class Probe:
         return int(max(int(s.labels.max()) for s in self.splits.values())) + 1  # type: ignore[union-attr]
 
     def shard(self, rank: int, world_size: int) -> dict[str, ProbeSplit]:
-        """This rank's samples: every ``world_size``-th sample starting at ``rank``."""
+        """This rank's samples: every ``world_size``-th sample starting at ``rank``, ordered by label.
+
+        The order by label (stable) lets the writer count each class's activations over
+        one contiguous block of rows; every row keeps its ``sample_id``.
+        """
         out = {}
         for name, s in self.splits.items():
             sel = slice(rank, None, world_size)
-            out[name] = ProbeSplit(
-                s.inputs[sel], None if s.labels is None else s.labels[sel], s.sample_ids[sel]  # type: ignore[index]
-            )
+            inputs, labels, ids = s.inputs[sel], None if s.labels is None else s.labels[sel], s.sample_ids[sel]  # type: ignore[index]
+            if labels is not None and len(labels) > 1 and bool((labels[1:] < labels[:-1]).any()):
+                order = torch.argsort(labels, stable=True)
+                inputs, labels, ids = inputs[order], labels[order], ids[order]
+            out[name] = ProbeSplit(inputs, labels, ids)
         return out
 
     def describe(self) -> dict[str, Any]:

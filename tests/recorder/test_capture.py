@@ -44,3 +44,24 @@ def test_select_by_type_and_glob_in_forward_order():
     assert [n for n, _ in select_layers(m, ["tanh"])] == ["tanh"]  # any named module: sign of its input
     with pytest.raises(LayerSelectionError, match=r"ReLU-family modules: \['enc.0.1', 'enc.1.1'\]"):
         select_layers(m, ["dec.*"])
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "no labels", "missing class"])
+def test_writer_class_counts_equal_a_naive_loop(order):
+    from dynatrack.recorder.callback import _class_counts
+
+    rng = np.random.default_rng(3)
+    rows = rng.random((300, 40)) > 0.6
+    labels = rng.integers(0, 5, 300)
+    if order == "sorted":
+        idx = np.argsort(labels, kind="stable")
+        rows, labels = rows[idx], labels[idx]
+    if order == "missing class":
+        labels[labels == 2] = 1
+    n_classes = 0 if order == "no labels" else 6  # class 5 (and 2) never occur
+    got = _class_counts(rows, None if order == "no labels" else labels, n_classes)
+    if n_classes == 0:
+        naive = [[sum(int(r[j]) for r in rows) for j in range(40)]]
+    else:
+        naive = [[sum(int(r[j]) for r, y in zip(rows, labels) if y == c) for j in range(40)] for c in range(n_classes)]
+    np.testing.assert_array_equal(got, np.array(naive))
