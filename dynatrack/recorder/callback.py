@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -194,6 +195,8 @@ class PatternRecorder(Callback):
         self._indexed: bool | None = None
         self._counts_on_device = False
         self._on_accelerator = False
+        self._eval_mode: _EvalMode | None = None
+        self._probe_meta: tuple[Any, ...] = ({}, {}, 0, None, {})
         self._grad_norm: torch.Tensor | None = None
         self._want_steps = False  # the current step has a ``steps`` row (decided at batch start)
         self._steps_live = self._weights_live = True  # some schedule may fire (set at train start)
@@ -353,6 +356,15 @@ class PatternRecorder(Callback):
             raise RecorderError(decision["error"])
         self.attempt = int(decision["attempt"])
         self._shard = self.probe.shard(self._rank, self._world)
+        self._eval_mode = _EvalMode(pl_module)
+        # what the writer needs to decode a probe step, fixed for the fit (not rebuilt per step)
+        self._probe_meta = (
+            {name: s.sample_ids.numpy() for name, s in self._shard.items()},
+            {name: (s.labels.numpy() if s.labels is not None else None) for name, s in self._shard.items()},
+            self.probe.num_classes,
+            list(self._widths)[-1] if self._widths else None,
+            dict(self._widths),
+        )
         device = pl_module.device
         c = self.probe.num_classes
         self._onehots = {}
@@ -466,31 +478,48 @@ class PatternRecorder(Callback):
 
     def _record_probe(self, pl_module: LightningModule, step: int, *, patterns: bool, neurons: bool) -> None:
         cap = self._capture
-        assert cap is not None and self._writer is not None
-        was_training = _training_flags(pl_module)
-        pl_module.eval()
+        assert cap is not None and self._writer is not None and self._eval_mode is not None
+        was_training = self._eval_mode.enter()
         pieces: list[torch.Tensor] = []
         layout: list[tuple[str, str, str, int, int]] = []  # (what, split, layer, rows, cols)
         # Neuron counts: on an accelerator a one-hot matmul on the device; on CPU the writer
-        # thread counts them from the packed bits, off the training thread.
+        # thread counts them from the bool masks, off the training thread.
         counts_on_device = self._counts_on_device
-        keep_bits = patterns or (neurons and not counts_on_device)
+        # CPU: the lean batch hooks keep one bool mask per layer and chunk, the writer does the rest
+        masks_path = not (counts_on_device or self._on_accelerator)
+        what = "bits" if patterns else "nbits"
         deferred: list[tuple[tuple[str, str, str], list[Any]]] = []  # bool masks, packed by the writer
+        was_attached = cap.batch_attached
+        bs = self.probe_batch_size
         try:
-            cap.detach_batch()  # the training forward's hooks must not see the probe (re-attached after)
-            cap.attach()
-            cap.enabled = True
+            if masks_path:
+                cap.start_batch()
+            else:
+                cap.detach_batch()  # the training forward's hooks must not see the probe (re-attached after)
+                cap.attach()
+                cap.enabled = True
             with torch.no_grad():
                 for split_name, split in self._shard.items():
+                    if masks_path:
+                        for i in range(0, len(split), bs):
+                            self.probe_forward(pl_module, split.inputs[i : i + bs])
+                        taken = cap.take()
+                        cap.enabled = True
+                        for layer in self._widths:
+                            if layer not in taken:
+                                raise RecorderError(
+                                    f"layer {layer} was not called in the probe forward at step {step} (it was at setup); "
+                                    "the recorded layers must run in every forward")
+                            deferred.append(((what, split_name, layer), taken[layer]))
+                        continue
                     chunks = self._onehots[split_name]
+                    keep_bits = patterns or (neurons and not counts_on_device)
                     cap.reset()
                     for i, onehot in enumerate(chunks):
-                        x = split.inputs[i * self.probe_batch_size : (i + 1) * self.probe_batch_size]
                         cap.start_forward(keep_bits=keep_bits, onehot=onehot if neurons and counts_on_device else None)
-                        self.probe_forward(pl_module, x)
+                        self.probe_forward(pl_module, split.inputs[i * bs : (i + 1) * bs])
                     for layer in self._widths:
                         if keep_bits:
-                            what = "bits" if patterns else "nbits"
                             items = cap.bits[layer]
                             if items[0].dtype == torch.bool:
                                 deferred.append(((what, split_name, layer), list(items)))
@@ -504,21 +533,21 @@ class PatternRecorder(Callback):
                             layout.append(("counts", split_name, layer, counts.shape[0], counts.shape[1]))
         finally:
             cap.enabled = False
-            cap.detach_probe()
-            cap.reset()
-            cap.start_forward(keep_bits=True, onehot=None)
-            _restore_training(was_training)
+            if masks_path:
+                if not was_attached:
+                    cap.detach_batch()
+            else:
+                cap.detach_probe()
+                cap.reset()
+                cap.start_forward(keep_bits=True, onehot=None)
+            self._eval_mode.exit(was_training)
         if neurons and self._out_weight is not None:
             sign = torch.sign(self._out_weight.detach()[0]).to(torch.int8)
             pieces.append(sign.reshape(1, -1))
             layout.append(("out_sign", "", "", 1, sign.numel()))
-        host, event = _to_host(pieces)
-        ids = {name: s.sample_ids.numpy() for name, s in self._shard.items()}  # type: ignore[union-attr]
-        n_classes = self.probe.num_classes
-        last_layer = list(self._widths)[-1] if self._widths else None
-        labels = {name: (s.labels.numpy() if s.labels is not None else None) for name, s in self._shard.items()}
+        host, event = _to_host(pieces) if pieces else (None, None)
+        ids, labels, n_classes, last_layer, widths = self._probe_meta
         from_bits = neurons and not counts_on_device
-        widths = dict(self._widths)
         self._pending.append(
             lambda: _decode_probe(host, event, layout, step, ids, n_classes, last_layer,
                                   labels=labels if from_bits else None, widths=widths, deferred=deferred))
@@ -557,10 +586,13 @@ class PatternRecorder(Callback):
             want_steps = _accumulation(trainer) == 1
         if want_steps:
             self._want_steps = False
-            loss = _loss_of(outputs).detach().float().reshape(())
-            gn = self._grad_norm if self._grad_norm is not None else torch.tensor(float("nan"))
-            self._grad_norm = None
-            scalars = torch.stack([loss, gn.float().reshape(()).to(loss.device)])
+            loss = _loss_of(outputs).detach()
+            gn, self._grad_norm = self._grad_norm, None
+            if self._on_accelerator:  # one tensor, for the single host copy
+                gn = gn.float() if gn is not None else torch.tensor(float("nan"), device=loss.device)
+                scalars = torch.stack([loss.float().reshape(()), gn.reshape(()).to(loss.device)])
+            else:  # CPU: the writer thread reads them
+                scalars = (loss, gn)
             self._last_step["steps"] = step
             meta = {
                 "step": step,
@@ -663,6 +695,37 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class _EvalMode:
+    """Switch a model to eval mode for the probe and back, restoring every submodule's own flag.
+
+    When no module overrides ``nn.Module.train`` (the usual case), the flags are set
+    directly, as ``train()`` would set them, without its recursion: a probe step pays
+    for this on the training thread.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.modules = list(module.modules())
+        self.plain = all(type(m).train is nn.Module.train for m in self.modules)
+
+    def enter(self) -> list[bool]:
+        flags = [m.training for m in self.modules]
+        if self.plain:
+            for m in self.modules:
+                m.__dict__["training"] = False
+        else:
+            self.module.eval()
+        return flags
+
+    def exit(self, flags: list[bool]) -> None:
+        if self.plain:
+            for m, training in zip(self.modules, flags):
+                m.__dict__["training"] = training
+        else:
+            for m, training in zip(self.modules, flags):
+                m.training = training
+
+
 def _training_flags(module: nn.Module) -> list[tuple[nn.Module, bool]]:
     """Every submodule with its train/eval flag (``modules()``: no qualified names built)."""
     return [(m, m.training) for m in module.modules()]
@@ -683,7 +746,9 @@ def _grad_norm(module: nn.Module) -> torch.Tensor | None:
     if not grads:
         return None
     norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if any(n.dtype != torch.float32 for n in norms):
+        norms = [n.float() for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _loss_of(outputs: Any) -> torch.Tensor:
@@ -782,6 +847,8 @@ def _to_host(pieces: list[torch.Tensor]) -> tuple[Any, Any]:
 
 def _split_layout(host: Any, event: Any, layout: list[tuple[str, str, str, int, int]]) -> list[tuple[tuple[str, str, str, int, int], np.ndarray]]:
     """Cut the host bytes of a step back into one array per layout item (writer thread)."""
+    if not layout:
+        return []
     if event is not None:
         event.synchronize()
     # One copy into memory owned by the writer thread: the step's torch host buffers are freed at
@@ -869,24 +936,44 @@ def _class_counts(rows: np.ndarray, labels: np.ndarray | None, n_classes: int) -
     """``counts[c, j]`` = rows of class c with neuron j active, from 0/1 rows ``[n, w]`` (bool or uint8).
 
     One row of totals without labels. The probe shards are ordered by label
-    (:meth:`Probe.shard`), so each class is a contiguous block of rows summed by one
-    ufunc reduction (no copy, and without the GIL); other orders are sorted first. No
-    BLAS call: a matmul would wake numpy's BLAS threads, which spin on the cores the
-    training step needs. About 0.07 ms for 1,024 x 256 and 10 classes.
+    (:meth:`Probe.shard`), so each class is a contiguous block of rows (other orders
+    are sorted first). When ``w`` is a multiple of 8 the rows are read as uint64 words,
+    8 neurons each, and a block of up to 255 rows is summed word-wise (SWAR): each byte
+    lane holds one neuron's count, with no carry between lanes since no count exceeds
+    255. One ``numpy.add.reduceat`` over all blocks, no GIL held, no BLAS call (a matmul
+    would wake numpy's BLAS threads on the cores the training step needs).
     """
     u8 = rows.view(np.uint8)
+    n, w = u8.shape
     if not (n_classes and labels is not None):
-        return np.add.reduce(u8, axis=0, dtype=np.int32)[None, :]
-    if len(labels) > 1 and bool((labels[1:] < labels[:-1]).any()):
+        labels, n_classes = np.zeros(n, np.int64), 1
+    elif n > 1 and bool((labels[1:] < labels[:-1]).any()):
         order = np.argsort(labels, kind="stable")
         u8, labels = u8[order], labels[order]
-    ends = np.cumsum(np.bincount(labels, minlength=n_classes))
-    counts = np.zeros((n_classes, u8.shape[1]), dtype=np.int32)
+    ends = np.cumsum(np.bincount(labels, minlength=n_classes)).tolist()
+    counts = np.zeros((n_classes, w), dtype=np.int32)
+    if n == 0:
+        return counts
+    if w % 8 or sys.byteorder != "little" or not u8.flags.c_contiguous:
+        start = 0
+        for c, end in enumerate(ends):
+            if end > start:
+                np.add.reduce(u8[start:end], axis=0, dtype=np.int32, out=counts[c])
+            start = end
+        return counts
+    block_start: list[int] = []
+    block_class: list[int] = []
     start = 0
-    for c, end in enumerate(ends.tolist()):
-        if end > start:
-            np.add.reduce(u8[start:end], axis=0, dtype=np.int32, out=counts[c])
+    for c, end in enumerate(ends):
+        for b in range(start, end, 255):
+            block_start.append(b)
+            block_class.append(c)
         start = end
+    sums = np.add.reduceat(u8.view(np.uint64), block_start, axis=0).view(np.uint8)  # [blocks, w]
+    if len(set(block_class)) == len(block_class):
+        counts[block_class] = sums
+    else:
+        np.add.at(counts, block_class, sums)
     return counts
 
 
@@ -924,9 +1011,10 @@ def _device_record(
 def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
     """Writer-thread side of the batch-source steps of one hand-off.
 
-    Each record is a CPU record ``(step, ids, bits, scalars, meta)`` (tensors; ``bits``
-    maps a layer to its bool masks) or a :class:`_HostRecord` (accelerators). Per layer, the rows of all the hand-off's steps
-    become one :class:`PatternChunk` (a ``step`` per row): one ``numpy.packbits`` and a
+    Each record is a CPU record ``(step, ids, bits, scalars, meta)`` (``bits`` maps a
+    layer to its bool masks, ``scalars`` is ``(loss, grad_norm or None)``, all tensors)
+    or a :class:`_HostRecord` (accelerators). Per layer, the rows of all the hand-off's
+    steps become one :class:`PatternChunk` (a ``step`` per row): one packing call and a
     handful of Python objects per layer and hand-off, whatever the number of steps.
     """
     steps: list[dict[str, Any]] = []
@@ -946,7 +1034,10 @@ def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
                 ids = ids_t.numpy()
                 for layer, masks in bits.items():
                     by_layer.setdefault(layer, []).append((step, ids, masks))
-            scalars = scalars_t.numpy() if scalars_t is not None else None
+            scalars = None
+            if scalars_t is not None:
+                loss_t, gn_t = scalars_t
+                scalars = (float(loss_t), math.nan if gn_t is None else float(gn_t))
         if meta is not None and scalars is not None:
             steps.append({**meta, "loss": float(scalars[0]), "grad_norm": float(scalars[1])})
     patterns: list[PatternChunk] = []

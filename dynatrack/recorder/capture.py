@@ -240,8 +240,9 @@ class Capture:
     def take(self) -> dict[str, list[torch.Tensor]]:
         """Stop recording and hand over the batch forward's masks (or packed bits) per layer.
 
-        A module called ``k > 1`` times per forward gives ``name@0`` ... ``name@{k-1}``;
-        a module not called at all is absent.
+        A module called ``k > 1`` times per forward gives ``name@0`` ... ``name@{k-1}``
+        (over several forwards, call ``j`` goes to ``name@{j % k}``); a module not called
+        at all is absent.
         """
         self.enabled = False
         out: dict[str, list[torch.Tensor]] = {}
@@ -251,11 +252,12 @@ class Capture:
             if not items:
                 continue
             slots[i] = []
-            if self.calls.get(name, 1) == 1:
+            k = self.calls.get(name, 1)
+            if k == 1:
                 out[name] = items
-            else:
+            else:  # calls in forward order, forward after forward (probe chunks)
                 for j, item in enumerate(items):
-                    out[f"{name}@{j}"] = [item]
+                    out.setdefault(f"{name}@{j % k}", []).append(item)
         return out
 
     def _batch_hook(self, i: int, module: nn.Module) -> Callable[..., None]:

@@ -46,22 +46,25 @@ def test_select_by_type_and_glob_in_forward_order():
         select_layers(m, ["dec.*"])
 
 
+@pytest.mark.parametrize("width", [40, 13])  # SWAR words (w % 8 == 0) and the byte-wise path
 @pytest.mark.parametrize("order", ["sorted", "shuffled", "no labels", "missing class"])
-def test_writer_class_counts_equal_a_naive_loop(order):
+def test_writer_class_counts_equal_a_naive_loop(order, width):
     from dynatrack.recorder.callback import _class_counts
 
     rng = np.random.default_rng(3)
-    rows = rng.random((300, 40)) > 0.6
-    labels = rng.integers(0, 5, 300)
+    rows = rng.random((700, width)) > 0.6
+    labels = rng.integers(0, 3, 700)
+    labels[:300] = 0  # class 0 has more than 255 rows, nearly all active: several SWAR blocks, each lane <= 255
+    rows[:300] = rng.random((300, width)) > 0.02
     if order == "sorted":
         idx = np.argsort(labels, kind="stable")
         rows, labels = rows[idx], labels[idx]
     if order == "missing class":
         labels[labels == 2] = 1
-    n_classes = 0 if order == "no labels" else 6  # class 5 (and 2) never occur
+    n_classes = 0 if order == "no labels" else 5  # classes 3 and 4 (and 2) never occur
     got = _class_counts(rows, None if order == "no labels" else labels, n_classes)
     if n_classes == 0:
-        naive = [[sum(int(r[j]) for r in rows) for j in range(40)]]
+        naive = [[sum(int(r[j]) for r in rows) for j in range(width)]]
     else:
-        naive = [[sum(int(r[j]) for r, y in zip(rows, labels) if y == c) for j in range(40)] for c in range(n_classes)]
+        naive = [[sum(int(r[j]) for r, y in zip(rows, labels) if y == c) for j in range(width)] for c in range(n_classes)]
     np.testing.assert_array_equal(got, np.array(naive))
