@@ -597,7 +597,7 @@ class Plan:
 PLANS: dict[str, dict[str, Plan]] = {
     # batch-source segments span two of the recorder's hand-offs (submit_every=32), so the writer
     # thread's work for a segment's steps runs inside that segment, not in the next arm's
-    "full": {"a": Plan(100, 64), "b": Plan(16, 64), "c": Plan(36, 40, settle=10, budget_s=45)},
+    "full": {"a": Plan(100, 64), "b": Plan(16, 64), "c": Plan(120, 40, settle=10, budget_s=90)},
     "quick": {"a": Plan(8, 64, budget_s=8), "b": Plan(3, 64, budget_s=8), "c": Plan(8, 40, settle=10, budget_s=6)},
 }
 PLANS_DEFAULT_THREADS: dict[str, dict[str, Plan]] = {

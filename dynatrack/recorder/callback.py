@@ -90,9 +90,9 @@ class PatternRecorder(Callback):
             ``submit_every``/``submit_bytes`` it bounds the recorded steps in flight (their
             bool masks, on CPU).
         rows_per_file: rows buffered per shard file.
-        submit_every: recorded training steps handed to the writer thread at once
-            (their host copies wait in memory until then); fewer, larger hand-offs
-            cost the training thread less.
+        submit_every: recorded steps handed to the writer thread at once (batch-source
+            steps, and on CPU probe steps, whose bits and counts are computed on the
+            training thread); fewer, larger hand-offs cost the training thread less.
         submit_bytes: also hand over as soon as the waiting masks and bits reach this
             many bytes (bounds memory for wide layers, e.g. conv feature maps).
         neuron_counts: where per-class neuron counts are computed: ``"device"`` (a one-hot
@@ -174,6 +174,7 @@ class PatternRecorder(Callback):
         self.max_queue = max_queue
         self.rows_per_file = rows_per_file
         self.submit_every = submit_every
+        self.decode_probe_inline = True  # CPU probe steps: pack/count on the training thread (see _record_probe)
         self.submit_bytes = submit_bytes
         self._pending_bytes = 0  # host bytes of the batch records waiting for the next hand-off
         self._pending: list[Callable[[], dict[str, Any]]] = []  # probe-step records
@@ -548,6 +549,20 @@ class PatternRecorder(Callback):
         host, event = _to_host(pieces) if pieces else (None, None)
         ids, labels, n_classes, last_layer, widths = self._probe_meta
         from_bits = neurons and not counts_on_device
+        if masks_path and self.decode_probe_inline:
+            # CPU: pack and count here, while the masks are hot in this core's cache. On the
+            # writer thread the same numpy work would hand the GIL back and forth with this
+            # thread at every call, which cost the training step about twice the work itself.
+            decoded = _decode_probe(host, event, layout, step, ids, n_classes, last_layer,
+                                    labels=labels if from_bits else None, widths=widths, deferred=deferred)
+            self._pending.append(lambda: decoded)
+            # what waits is now small (packed bits, counts): it joins the regular hand-offs
+            self._pending_bytes += sum(c.bits.nbytes for c in decoded.get("patterns", ()))
+            if len(self._pending_batches) + len(self._pending) >= self.submit_every or (
+                self._pending_bytes >= self.submit_bytes
+            ):
+                self._submit_pending()
+            return
         self._pending.append(
             lambda: _decode_probe(host, event, layout, step, ids, n_classes, last_layer,
                                   labels=labels if from_bits else None, widths=widths, deferred=deferred))
@@ -906,22 +921,21 @@ def _decode_probe(
             items.append(("counts", split, layer, _class_counts(unpacked, labels[split], n_classes)))  # type: ignore[index]
         if what in ("bits", "counts"):
             items.append((what, split, layer, arr))
+    by_split: dict[str, list[tuple[str, str, list[Any]]]] = {}
     for (what, split, layer), masks in deferred or []:
-        rows, owned = concat_masks(masks)
-        if count_here:  # before packing: packing may reuse the rows' memory
-            items.append(("counts", split, layer, _class_counts(rows, labels[split], n_classes)))  # type: ignore[index]
-        if what == "bits":
-            items.append(("bits", split, layer, pack_rows(rows, owned)))
+        by_split.setdefault(split, []).append((what, layer, masks))
+    for split, entries in by_split.items():
+        items += _decode_probe_masks(split, entries, labels[split] if count_here else None, n_classes, count_here)  # type: ignore[index]
     patterns: list[PatternChunk] = []
     neurons = []
     for what, split, layer, arr in items:
         if what == "bits":
             patterns.append(PatternChunk(step, layer, split, "probe", ids[split], arr))
             continue
-        by_class = arr.T.astype(np.int32)  # [width, C or 1]
+        by_class = arr.T  # [width, C or 1] int32 (a view; the shard build copies)
         sign = out_sign if (out_sign is not None and layer == last_layer) else None
         neurons.append(NeuronChunk(
-            step, layer, split, by_class.sum(axis=1, dtype=np.int64),
+            step, layer, split, by_class.sum(axis=1, dtype=np.int64) if n_classes else by_class[:, 0],
             by_class if n_classes else np.zeros((by_class.shape[0], 0), np.int32), len(ids[split]),
             None if sign is None else np.array(sign, np.int8)))
     out: dict[str, Any] = {}
@@ -929,6 +943,47 @@ def _decode_probe(
         out["patterns"] = patterns
     if neurons:
         out["neurons"] = neurons
+    return out
+
+
+def _decode_probe_masks(
+    split: str, entries: list[tuple[str, str, list[Any]]], labels: np.ndarray | None, n_classes: int, count: bool
+) -> list[tuple[str, str, str, np.ndarray]]:
+    """Bits and per-class counts of one probe split from its bool masks, all layers at once.
+
+    The layers' masks are set side by side (``[n, sum of widths]``) so that packing and
+    counting are a handful of numpy calls per probe step rather than per layer: each
+    numpy call that releases the GIL hands it back and forth with the training thread,
+    and that hand-off, not the arithmetic, is what the training step pays for. (Layers
+    whose width is not a multiple of 8 are done one by one: their bytes cannot be split.)
+    Returns ``("bits" | "counts", split, layer, array)`` items; arrays may be views.
+    """
+    out: list[tuple[str, str, str, np.ndarray]] = []
+    joint = [e for e in entries if e[2] and e[2][0].shape[1:].numel() % 8 == 0] if len(entries) > 1 else []
+    if len(joint) > 1:
+        per_layer = [np.concatenate([m.numpy() for m in masks]) if len(masks) > 1 else masks[0].numpy()
+                     for _, _, masks in joint]
+        per_layer = [a if a.ndim == 2 else a.reshape(a.shape[0], -1) for a in per_layer]
+        rows = np.concatenate(per_layer, axis=1)
+        bounds = np.cumsum([0] + [a.shape[1] for a in per_layer]).tolist()
+        if count:  # before packing: packing reuses the rows' memory
+            counts = _class_counts(rows, labels, n_classes)
+            for (_, layer, _), a, b in zip(joint, bounds, bounds[1:]):
+                out.append(("counts", split, layer, counts[:, a:b]))
+        if any(what == "bits" for what, _, _ in joint):
+            bits = pack_rows(rows, owned=True)
+            for (what, layer, _), a, b in zip(joint, bounds, bounds[1:]):
+                if what == "bits":
+                    out.append(("bits", split, layer, bits[:, a // 8 : b // 8]))
+    done = {layer for _, layer, _ in joint} if len(joint) > 1 else set()
+    for what, layer, masks in entries:
+        if layer in done:
+            continue
+        rows, owned = concat_masks(masks)
+        if count:
+            out.append(("counts", split, layer, _class_counts(rows, labels, n_classes)))
+        if what == "bits":
+            out.append(("bits", split, layer, pack_rows(rows, owned)))
     return out
 
 
