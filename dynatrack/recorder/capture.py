@@ -129,8 +129,8 @@ def concat_masks(masks: list[Any]) -> tuple[np.ndarray, bool]:
 def pack_rows(rows: np.ndarray, owned: bool = False) -> np.ndarray:
     """Packed bits ``uint8[n, ceil(w/8)]`` of a bool ``[n, w]`` array; ``owned=True`` lets it reuse ``rows``' memory.
 
-    Runs on the writer thread, so it is written to leave the GIL to the training
-    thread: ``numpy.packbits`` holds the GIL for its whole run, but ufuncs release it.
+    On the writer thread it should leave the GIL to the training thread as long as it
+    can: ``numpy.packbits`` holds the GIL for its whole run, a ufunc only between calls.
     When the width is a multiple of 8, each 8 bools (bytes 0/1) are read as one uint64
     and multiplied by 0x8040201008040201, which gathers the eight bits into the top byte
     (as :func:`pack_bits` does on a device): a multiply, a shift and a cast, all without
@@ -157,12 +157,13 @@ class Capture:
     Two sets of hooks, each attached only while it records, so steps that are not
     recorded pay nothing:
 
-    * probe hooks (:meth:`attach` / :meth:`detach_probe`), around the probe forwards:
-      per call they keep the bits and/or accumulate per-class activation counts on
-      the device (:meth:`start_forward`);
-    * batch hooks (:meth:`start_batch` / :meth:`take` / :meth:`detach_batch`) on the
-      training forward: one lean closure per module that appends one mask to its
-      slot (on CPU a bool tensor the writer thread packs; on accelerators packed bits).
+    * batch hooks (:meth:`start_batch` / :meth:`take` / :meth:`detach_batch`): one lean
+      closure per module that appends one mask per call to its slot (on CPU a bool
+      tensor, packed later; on accelerators bits packed on the device). They record
+      the training forward, and on CPU the probe forwards too;
+    * probe hooks (:meth:`attach` / :meth:`detach_probe`), around the probe forwards on
+      accelerators: per call they keep the packed bits and/or accumulate per-class
+      activation counts on the device (:meth:`start_forward`).
     """
 
     def __init__(self, modules: list[tuple[str, nn.Module]], calls: dict[str, int] | None = None) -> None:

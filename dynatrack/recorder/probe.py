@@ -126,8 +126,8 @@ class Probe:
     def shard(self, rank: int, world_size: int) -> dict[str, ProbeSplit]:
         """This rank's samples: every ``world_size``-th sample starting at ``rank``, ordered by label.
 
-        The order by label (stable) lets the writer count each class's activations over
-        one contiguous block of rows; every row keeps its ``sample_id``.
+        The order by label (stable) lets the per-class neuron counts be summed over one
+        contiguous block of rows per class; every row keeps its ``sample_id``.
         """
         out = {}
         for name, s in self.splits.items():

@@ -102,7 +102,36 @@ def test_patterns_table_from_chunks_equals_a_naive_build():
     chunks = [PatternChunk(s, layer, split, src, rng.integers(0, 100, n), rng.integers(0, 256, (n, b), dtype=np.uint8))
               for s, layer, split, src, n, b in [(0, "a", "train", "probe", 5, 2), (0, "b", "test", "probe", 3, 4),
                                                   (1, "a", "train", "batch", 0, 2), (2, "b", "train", "batch", 7, 4)]]
-    t = patterns_table(chunks)
-    naive = [(c.step, c.layer, int(i), c.split, c.source, bytes(row), sum(bin(x).count("1") for x in row))
-             for c in chunks for i, row in zip(c.sample_ids, c.bits)]
-    assert list(zip(*(t.column(k).to_pylist() for k in t.column_names))) == naive
+    # a batch-source chunk of several steps: one step per row
+    chunks.append(PatternChunk(np.array([5, 5, 6, 7]), "a", "train", "batch", np.arange(4),
+                               rng.integers(0, 256, (4, 2), dtype=np.uint8)))
+    naive = [(int(c.step if np.isscalar(c.step) else c.step[k]), c.layer, int(i), c.split, c.source, bytes(row),
+              sum(bin(x).count("1") for x in row))
+             for c in chunks for k, (i, row) in enumerate(zip(c.sample_ids, c.bits))]
+    for dictionary in (False, True):  # the writer's build keeps layer/split/source dictionary-encoded
+        t = patterns_table(chunks, dictionary=dictionary)
+        assert list(zip(*(t.column(k).to_pylist() for k in t.column_names))) == naive
+
+
+def test_pattern_shards_read_back_with_the_schema_v1_types(tmp_path):
+    # the writer hands Parquet dictionary-encoded strings and keeps no Arrow schema in the file:
+    # pyarrow (no schema given) and DuckDB must still see plain strings, with the same values
+    import duckdb
+
+    from dynatrack.store.rows import PatternChunk
+    from dynatrack.store.schema import PATTERNS
+
+    loc = RunLocation.create(tmp_path, "w")
+    w = ShardWriter(loc, rank=0, attempt=0)
+    rng = np.random.default_rng(1)
+    chunks = [PatternChunk(np.array([0, 0, 1]), "fc.1", "train", "batch", np.array([4, 5, 6]),
+                           rng.integers(0, 256, (3, 2), dtype=np.uint8)),
+              PatternChunk(2, "fc.3", "test", "probe", np.array([7]), rng.integers(0, 256, (1, 2), dtype=np.uint8))]
+    w.submit(lambda: {"patterns": chunks})
+    w.close()
+    (f,) = loc.list_files("patterns")
+    t = pq.read_table(f.path)
+    assert t.schema.equals(PATTERNS, check_metadata=False)
+    rows = duckdb.sql(f"SELECT step, layer, sample_id, split, source, typeof(layer) FROM '{f.path}' ORDER BY sample_id").fetchall()
+    assert rows == [(0, "fc.1", 4, "train", "batch", "VARCHAR"), (0, "fc.1", 5, "train", "batch", "VARCHAR"),
+                    (1, "fc.1", 6, "train", "batch", "VARCHAR"), (2, "fc.3", 7, "test", "probe", "VARCHAR")]
