@@ -952,10 +952,10 @@ def _decode_probe_masks(
     """Bits and per-class counts of one probe split from its bool masks, all layers at once.
 
     The layers' masks are set side by side (``[n, sum of widths]``) so that packing and
-    counting are a handful of numpy calls per probe step rather than per layer: each
-    numpy call that releases the GIL hands it back and forth with the training thread,
-    and that hand-off, not the arithmetic, is what the training step pays for. (Layers
-    whose width is not a multiple of 8 are done one by one: their bytes cannot be split.)
+    counting are a handful of numpy calls per probe step rather than per layer. Runs on
+    the training thread (CPU probe steps, see ``PatternRecorder._record_probe``), so it
+    packs with ``numpy.packbits``, which reads the masks once. (Layers whose width is not
+    a multiple of 8 are done one by one: their bytes cannot be split.)
     Returns ``("bits" | "counts", split, layer, array)`` items; arrays may be views.
     """
     out: list[tuple[str, str, str, np.ndarray]] = []
@@ -971,7 +971,7 @@ def _decode_probe_masks(
             for (_, layer, _), a, b in zip(joint, bounds, bounds[1:]):
                 out.append(("counts", split, layer, counts[:, a:b]))
         if any(what == "bits" for what, _, _ in joint):
-            bits = pack_rows(rows, owned=True)
+            bits = np.packbits(rows, axis=1, bitorder="big")  # on the training thread: fewer passes than pack_rows
             for (what, layer, _), a, b in zip(joint, bounds, bounds[1:]):
                 if what == "bits":
                     out.append(("bits", split, layer, bits[:, a // 8 : b // 8]))
@@ -995,8 +995,8 @@ def _class_counts(rows: np.ndarray, labels: np.ndarray | None, n_classes: int) -
     are sorted first). When ``w`` is a multiple of 8 the rows are read as uint64 words,
     8 neurons each, and a block of up to 255 rows is summed word-wise (SWAR): each byte
     lane holds one neuron's count, with no carry between lanes since no count exceeds
-    255. One ``numpy.add.reduceat`` over all blocks, no GIL held, no BLAS call (a matmul
-    would wake numpy's BLAS threads on the cores the training step needs).
+    255. No BLAS call (a matmul would wake numpy's BLAS threads on the cores the training
+    step needs).
     """
     u8 = rows.view(np.uint8)
     n, w = u8.shape
@@ -1017,18 +1017,24 @@ def _class_counts(rows: np.ndarray, labels: np.ndarray | None, n_classes: int) -
             start = end
         return counts
     block_start: list[int] = []
+    block_end: list[int] = []
     block_class: list[int] = []
     start = 0
     for c, end in enumerate(ends):
         for b in range(start, end, 255):
             block_start.append(b)
+            block_end.append(min(b + 255, end))
             block_class.append(c)
         start = end
-    sums = np.add.reduceat(u8.view(np.uint64), block_start, axis=0).view(np.uint8)  # [blocks, w]
+    words = u8.view(np.uint64)
+    sums = np.empty((len(block_start), words.shape[1]), dtype=np.uint64)
+    for i, (b0, b1) in enumerate(zip(block_start, block_end)):
+        np.add.reduce(words[b0:b1], axis=0, out=sums[i])  # faster than one reduceat over axis 0
+    lanes = sums.view(np.uint8)  # [blocks, w]: byte k of word q is neuron 8q + k
     if len(set(block_class)) == len(block_class):
-        counts[block_class] = sums
+        counts[block_class] = lanes
     else:
-        np.add.at(counts, block_class, sums)
+        np.add.at(counts, block_class, lanes)
     return counts
 
 
