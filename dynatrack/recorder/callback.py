@@ -197,6 +197,7 @@ class PatternRecorder(Callback):
         self._counts_on_device = False
         self._on_accelerator = False
         self._eval_mode: _EvalMode | None = None
+        self._probe_buffers: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}  # CPU probe masks
         self._probe_meta: tuple[Any, ...] = ({}, {}, 0, None, {})
         self._grad_norm: torch.Tensor | None = None
         self._want_steps = False  # the current step has a ``steps`` row (decided at batch start)
@@ -492,9 +493,11 @@ class PatternRecorder(Callback):
         deferred: list[tuple[tuple[str, str, str], list[Any]]] = []  # bool masks, packed by the writer
         was_attached = cap.batch_attached
         bs = self.probe_batch_size
+        inline = masks_path and self.decode_probe_inline
         try:
             if masks_path:
                 cap.start_batch()
+
             else:
                 cap.detach_batch()  # the training forward's hooks must not see the probe (re-attached after)
                 cap.attach()
@@ -502,6 +505,8 @@ class PatternRecorder(Callback):
             with torch.no_grad():
                 for split_name, split in self._shard.items():
                     if masks_path:
+                        if inline:  # decoded below, before the next probe step reuses this split's buffers
+                            cap.reuse = self._probe_buffers.setdefault(split_name, {})
                         for i in range(0, len(split), bs):
                             self.probe_forward(pl_module, split.inputs[i : i + bs])
                         taken = cap.take()
@@ -534,6 +539,7 @@ class PatternRecorder(Callback):
                             layout.append(("counts", split_name, layer, counts.shape[0], counts.shape[1]))
         finally:
             cap.enabled = False
+            cap.reuse = None
             if masks_path:
                 if not was_attached:
                     cap.detach_batch()
@@ -549,7 +555,7 @@ class PatternRecorder(Callback):
         host, event = _to_host(pieces) if pieces else (None, None)
         ids, labels, n_classes, last_layer, widths = self._probe_meta
         from_bits = neurons and not counts_on_device
-        if masks_path and self.decode_probe_inline:
+        if inline:
             # CPU: pack and count here, while the masks are hot in this core's cache. On the
             # writer thread the same numpy work would hand the GIL back and forth with this
             # thread at every call, which cost the training step about twice the work itself.

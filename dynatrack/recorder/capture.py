@@ -177,6 +177,8 @@ class Capture:
         self.enabled = False  # hooks stay attached across recorded steps; this gates them
         self.pack_on_device = True  # False on CPU: keep bool masks, the writer thread packs them
         self.onehot: torch.Tensor | None = None  # [C, n] float, or [1, n] ones without labels
+        # probe forwards on CPU: masks go to buffers kept across probe steps, keyed by (slot, call, shape)
+        self.reuse: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] | None = None
         # the training batch's hooks: one lean hook per module, appending to its slot
         self._batch_handles: list[Any] = []
         self._slots: list[list[torch.Tensor]] = [[] for _ in modules]
@@ -261,6 +263,15 @@ class Capture:
                     out.setdefault(f"{name}@{j % k}", []).append(item)
         return out
 
+    def reuse_buffer(self, i: int, output: torch.Tensor) -> torch.Tensor:
+        """A bool buffer shaped like ``output`` for the next mask of slot ``i``, kept across probe steps."""
+        assert self.reuse is not None
+        key = (i, len(self._slots[i]), tuple(output.shape))
+        buf = self.reuse.get(key)
+        if buf is None:
+            buf = self.reuse[key] = torch.empty(output.shape, dtype=torch.bool)
+        return buf
+
     def _batch_hook(self, i: int, module: nn.Module) -> Callable[..., None]:
         """The training forward's hook for module ``i``: as little Python as possible.
 
@@ -280,7 +291,10 @@ class Capture:
 
                 def hook(m: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
                     if cap.enabled:
-                        slots[i].append(output.bool())
+                        if cap.reuse is None:
+                            slots[i].append(output.bool())
+                        else:  # probe forward: a persistent buffer (no fresh pages, same heap as a plain forward)
+                            slots[i].append(cap.reuse_buffer(i, output).copy_(output))
 
             return hook
 

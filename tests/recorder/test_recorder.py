@@ -329,3 +329,31 @@ def test_batch_rows_with_uneven_batches_many_steps_per_hand_off(tmp_path, data):
             assert len(rows) == (16 if step % 5 == 4 else 20)
             z = manual_preacts(weights[step], x[torch.as_tensor(rows.sample_id.to_numpy())])[k]
             assert_signs(np.stack([np.frombuffer(b, np.uint8) for b in rows.bits]), z)
+
+
+def test_probe_bits_and_counts_with_byte_aligned_widths_equal_splits_and_chunks(tmp_path):
+    # widths that are multiples of 8 take the joint decode (all layers side by side); two splits of
+    # the same shape and several probe chunks per split share the reused mask buffers' shapes
+    x, y = make_data(96)
+    test_x, test_y = make_data(96, seed=1)
+    torch.manual_seed(0)
+    model = TinyNet(hidden=(16, 24))
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="r", probe={"train": (x, y), "test": (test_x, test_y)},
+                          schedule=schedules.at([0, 4, 7]), probe_batch_size=40)
+    trainer(8, [rec]).fit(model, loader(x, y))
+    run = open_run(rec.run_dir)
+    neurons = run.neurons().to_pandas()
+    for step in (0, 4, 7, 8):
+        state = run.checkpoint(step)
+        for split, inputs, labels in (("train", x, y), ("test", test_x, test_y)):
+            for layer, z in zip(["net.1", "net.3"], manual_preacts(state, inputs)):
+                ids, bits = run.pattern_bits(step, layer, split=split)
+                assert ids.tolist() == list(range(len(inputs)))
+                assert_signs(bits, z)
+                active = (z > 0).numpy()
+                rows = neurons[(neurons.step == step) & (neurons.layer == layer) & (neurons.split == split)]
+                rows = rows.sort_values("neuron")
+                np.testing.assert_array_equal(rows.active.to_numpy(), active.sum(axis=0))
+                by_class = np.stack(rows.active_by_class.to_numpy())
+                np.testing.assert_array_equal(by_class, [[int(active[labels.numpy() == c, j].sum()) for c in range(3)]
+                                                         for j in range(z.shape[1])])
