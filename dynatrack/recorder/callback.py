@@ -39,7 +39,7 @@ from torch import nn
 
 from dynatrack import schedules as sch
 from dynatrack.recorder.capture import (
-    Capture, LayerSelectionError, concat_masks, materialize, pack_rows, select_layers, trace_layers,
+    Capture, LayerSelectionError, concat_masks, materialize, select_layers, trace_layers,
 )
 from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
@@ -174,7 +174,6 @@ class PatternRecorder(Callback):
         self.max_queue = max_queue
         self.rows_per_file = rows_per_file
         self.submit_every = submit_every
-        self.decode_probe_inline = True  # CPU probe steps: pack/count on the training thread (see _record_probe)
         self.submit_bytes = submit_bytes
         self._pending_bytes = 0  # host bytes of the batch records waiting for the next hand-off
         self._pending: list[Callable[[], dict[str, Any]]] = []  # probe-step records
@@ -493,7 +492,6 @@ class PatternRecorder(Callback):
         deferred: list[tuple[tuple[str, str, str], list[Any]]] = []  # bool masks, packed by the writer
         was_attached = cap.batch_attached
         bs = self.probe_batch_size
-        inline = masks_path and self.decode_probe_inline
         try:
             if masks_path:
                 cap.start_batch()
@@ -505,8 +503,8 @@ class PatternRecorder(Callback):
             with torch.no_grad():
                 for split_name, split in self._shard.items():
                     if masks_path:
-                        if inline:  # decoded below, before the next probe step reuses this split's buffers
-                            cap.reuse = self._probe_buffers.setdefault(split_name, {})
+                        # decoded below, before the next probe step reuses this split's buffers
+                        cap.reuse = self._probe_buffers.setdefault(split_name, {})
                         for i in range(0, len(split), bs):
                             self.probe_forward(pl_module, split.inputs[i : i + bs])
                         taken = cap.take()
@@ -555,7 +553,7 @@ class PatternRecorder(Callback):
         host, event = _to_host(pieces) if pieces else (None, None)
         ids, labels, n_classes, last_layer, widths = self._probe_meta
         from_bits = neurons and not counts_on_device
-        if inline:
+        if masks_path:
             # CPU: pack and count here, while the masks are hot in this core's cache. On the
             # writer thread the same numpy work would hand the GIL back and forth with this
             # thread at every call, which cost the training step about twice the work itself.
@@ -955,41 +953,21 @@ def _decode_probe(
 def _decode_probe_masks(
     split: str, entries: list[tuple[str, str, list[Any]]], labels: np.ndarray | None, n_classes: int, count: bool
 ) -> list[tuple[str, str, str, np.ndarray]]:
-    """Bits and per-class counts of one probe split from its bool masks, all layers at once.
+    """Bits and per-class counts of one probe split from its bool masks, layer by layer.
 
-    The layers' masks are set side by side (``[n, sum of widths]``) so that packing and
-    counting are a handful of numpy calls per probe step rather than per layer. Runs on
-    the training thread (CPU probe steps, see ``PatternRecorder._record_probe``), so it
-    packs with ``numpy.packbits``, which reads the masks once. (Layers whose width is not
-    a multiple of 8 are done one by one: their bytes cannot be split.)
-    Returns ``("bits" | "counts", split, layer, array)`` items; arrays may be views.
+    Runs on the training thread (CPU probe steps, see ``PatternRecorder._record_probe``),
+    right after the probe forward while the masks are in cache: ``numpy.packbits`` (one
+    pass over the masks) and the word-wise class counts of :func:`_class_counts`. The
+    results are new arrays: the masks' buffers are reused at the next probe step.
+    Returns ``("bits" | "counts", split, layer, array)`` items.
     """
     out: list[tuple[str, str, str, np.ndarray]] = []
-    joint = [e for e in entries if e[2] and e[2][0].shape[1:].numel() % 8 == 0] if len(entries) > 1 else []
-    if len(joint) > 1:
-        per_layer = [np.concatenate([m.numpy() for m in masks]) if len(masks) > 1 else masks[0].numpy()
-                     for _, _, masks in joint]
-        per_layer = [a if a.ndim == 2 else a.reshape(a.shape[0], -1) for a in per_layer]
-        rows = np.concatenate(per_layer, axis=1)
-        bounds = np.cumsum([0] + [a.shape[1] for a in per_layer]).tolist()
-        if count:  # before packing: packing reuses the rows' memory
-            counts = _class_counts(rows, labels, n_classes)
-            for (_, layer, _), a, b in zip(joint, bounds, bounds[1:]):
-                out.append(("counts", split, layer, counts[:, a:b]))
-        if any(what == "bits" for what, _, _ in joint):
-            bits = np.packbits(rows, axis=1, bitorder="big")  # on the training thread: fewer passes than pack_rows
-            for (what, layer, _), a, b in zip(joint, bounds, bounds[1:]):
-                if what == "bits":
-                    out.append(("bits", split, layer, bits[:, a // 8 : b // 8]))
-    done = {layer for _, layer, _ in joint} if len(joint) > 1 else set()
     for what, layer, masks in entries:
-        if layer in done:
-            continue
-        rows, owned = concat_masks(masks)
+        rows, _ = concat_masks(masks)
         if count:
             out.append(("counts", split, layer, _class_counts(rows, labels, n_classes)))
         if what == "bits":
-            out.append(("bits", split, layer, pack_rows(rows, owned)))
+            out.append(("bits", split, layer, np.packbits(rows, axis=1, bitorder="big")))
     return out
 
 
