@@ -15,10 +15,13 @@ step ``s`` holds that batch's loss, gradient norm and learning rate. With
 Hot path: on a recorded step on an accelerator the hooks pack sign bits on the
 device and the step's tensors are copied to the host once (non-blocking into
 pinned memory); on CPU the hooks keep one bool mask per layer (a cast, not a
-comparison: several times cheaper on CPU) and the writer thread packs it with
-``numpy.packbits``. Records go to the background writer
-``submit_every`` steps at a time; decoding, Arrow and all file I/O happen there.
-Unrecorded steps pay one schedule call per source.
+comparison: several times cheaper on CPU). Batch-source masks are packed on the
+writer thread (GIL-free ufuncs, one call per layer and hand-off); probe masks go
+to buffers reused across probe steps and are packed and counted on the training
+thread right after the probe forward (numpy work on the writer thread would make
+the training thread wait for the GIL at every call). Records go to the background
+writer ``submit_every`` steps (or ``submit_bytes``) at a time; Arrow and all file
+I/O happen there. Unrecorded steps pay one schedule call per source that can fire.
 """
 
 from __future__ import annotations
