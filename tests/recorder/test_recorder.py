@@ -357,3 +357,44 @@ def test_probe_bits_and_counts_with_byte_aligned_widths_equal_splits_and_chunks(
                 by_class = np.stack(rows.active_by_class.to_numpy())
                 np.testing.assert_array_equal(by_class, [[int(active[labels.numpy() == c, j].sum()) for c in range(3)]
                                                          for j in range(z.shape[1])])
+
+
+class AcceleratorPathRecorder(PatternRecorder):
+    """The accelerator code path run on CPU tensors: bits packed by torch in the hooks, per-class
+    counts by the one-hot matmul, each step's tensors in one host record with its layout, the
+    loss and gradient norm stacked. Exercises that path where no GPU is available."""
+
+    def _open_run(self, trainer, pl_module):  # noqa: ANN001, ANN202
+        super()._open_run(trainer, pl_module)
+        self._on_accelerator = True
+        self._counts_on_device = True
+        self._capture.pack_on_device = True
+
+
+def test_accelerator_code_path_writes_the_same_rows_as_the_cpu_path(tmp_path, data):
+    x, y = data
+
+    def record(cls, name):  # noqa: ANN001, ANN202
+        torch.manual_seed(0)
+        model = TinyNet()
+        rec = cls(str(tmp_path / name), run_name=name, probe={"train": (x, y), "test": make_data(20, seed=1)},
+                  schedule=schedules.at([0, 4]), batch_schedule=schedules.every(2), submit_every=3)
+        trainer(7, [rec]).fit(model, loader(x, y, shuffle=False))
+        return open_run(rec.run_dir)
+
+    cpu, acc = record(PatternRecorder, "cpu"), record(AcceleratorPathRecorder, "acc")
+    key = ["step", "layer", "split", "source", "sample_id"]
+    for table in ("patterns", "neurons"):
+        a = getattr(cpu, table)().to_pandas()
+        b = getattr(acc, table)().to_pandas()
+        k = key if table == "patterns" else ["step", "layer", "split", "neuron"]
+        a, b = a.sort_values(k).reset_index(drop=True), b.sort_values(k).reset_index(drop=True)
+        assert len(a) > 0 and a.drop(columns=["active_by_class"], errors="ignore").equals(
+            b.drop(columns=["active_by_class"], errors="ignore"))
+        if table == "neurons":
+            assert [list(v) for v in a.active_by_class] == [list(v) for v in b.active_by_class]
+    assert sorted(set(cpu.patterns(source="batch").column("step").to_pylist())) == [0, 2, 4, 6]
+    sa, sb = cpu.steps().to_pandas(), acc.steps().to_pandas()
+    assert sa.step.tolist() == sb.step.tolist()
+    np.testing.assert_allclose(sa.loss, sb.loss, rtol=1e-6)
+    np.testing.assert_allclose(sa.grad_norm, sb.grad_norm, rtol=1e-5)
