@@ -99,8 +99,10 @@ class PatternRecorder(Callback):
         submit_bytes: also hand over as soon as the waiting masks and bits reach this
             many bytes (bounds memory for wide layers, e.g. conv feature maps).
         neuron_counts: where per-class neuron counts are computed: ``"device"`` (a one-hot
-            matmul next to the model), ``"writer"`` (from the packed bits on the writer
-            thread), or ``"auto"`` (device on accelerators, writer on CPU).
+            matmul next to the model), ``"writer"`` (on the host from the bits: on an
+            accelerator by the writer thread from the packed bits; on CPU from the bool
+            masks right after the probe forward), or ``"auto"`` (device on accelerators,
+            host on CPU).
     """
 
     def __init__(
