@@ -261,7 +261,13 @@ class PatternRecorder(Callback):
             self._record_weights_step(trainer, pl_module, trainer.global_step, final=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._close(raise_errors=True)
+        try:
+            self._close(raise_errors=True)
+        finally:
+            # every rank's shards are on disk when fit() returns on any rank, so rank 0 can
+            # open_run() right after fit (a rank whose close failed still joins, then raises)
+            if trainer.world_size > 1:
+                trainer.strategy.barrier("dynatrack-run-closed")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._close(raise_errors=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,10 @@ def test_two_rank_ddp_shards_cover_the_probe_and_match_single_process(tmp_path):
     run_script(tmp_path, "ddp2", 2)
     run_script(tmp_path, "single", 1)
     ddp, single = open_run(tmp_path / "ddp2"), open_run(tmp_path / "single")
+    # rank 0 opened the run right after fit() returned, while rank 1 was held back before closing:
+    # it already saw every rank's shards
+    seen = json.loads((tmp_path / "ddp2-seen-after-fit.json").read_text())
+    assert seen == {"ranks": [0, 1], "pattern_rows": ddp.patterns().num_rows}
     assert ddp.manifest["world_size"] == 2 and ddp.ranks == [0, 1]
     train, test = load_digits_tensors(0)
     sizes = {"train": len(train), "test": len(test)}
