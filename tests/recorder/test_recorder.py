@@ -181,7 +181,8 @@ def test_duckdb_reads_the_run_directory_without_dynatrack(tmp_path, data):
     assert ranks == [(0,)]
 
 
-def test_shared_activation_module_and_non_sequential_model(tmp_path, data):
+@pytest.mark.parametrize("probe_batch_size", [1024, 40])  # one probe chunk, or three (calls interleave)
+def test_shared_activation_module_and_non_sequential_model(tmp_path, data, probe_batch_size):
     x, y = data
 
     class Block(torch.nn.Module):
@@ -202,7 +203,7 @@ def test_shared_activation_module_and_non_sequential_model(tmp_path, data):
     torch.manual_seed(1)
     model = Custom()
     rec = PatternRecorder(str(tmp_path / "runs"), run_name="c", probe=(x, y), layers=["act"],
-                          schedule=schedules.at([0]))
+                          schedule=schedules.at([0]), probe_batch_size=probe_batch_size)
     trainer(2, [rec]).fit(model, loader(x, y))
     run = open_run(rec.run_dir)
     assert run.widths == {"act@0": 9, "act@1": 7}
@@ -210,7 +211,8 @@ def test_shared_activation_module_and_non_sequential_model(tmp_path, data):
     z1 = x @ st["blocks.a.fc.weight"].T + st["blocks.a.fc.bias"]
     z2 = torch.nn.functional.leaky_relu(z1, 0.2) @ st["blocks.b.fc.weight"].T + st["blocks.b.fc.bias"]
     for layer, z in (("act@0", z1), ("act@1", z2)):
-        _, bits = run.pattern_bits(0, layer)
+        ids, bits = run.pattern_bits(0, layer)
+        assert ids.tolist() == list(range(len(x)))
         assert_signs(bits, z)
 
 
