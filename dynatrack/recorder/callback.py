@@ -42,12 +42,22 @@ from torch import nn
 
 from dynatrack import schedules as sch
 from dynatrack.recorder.capture import (
-    Capture, LayerSelectionError, concat_masks, materialize, select_layers, trace_layers,
+    Capture,
+    LayerSelectionError,
+    concat_masks,
+    materialize,
+    select_layers,
+    trace_layers,
 )
 from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
 from dynatrack.store.fs import RunLocation, StoreError, validate_run_name
-from dynatrack.store.manifest import check_compatible, new_manifest, read_manifest, write_manifest
+from dynatrack.store.manifest import (
+    check_compatible,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
 from dynatrack.store.rows import NeuronChunk, PatternChunk
 from dynatrack.store.schema import MANIFEST, PROBE, PROBE_DIR
 from dynatrack.store.writer import ShardWriter
@@ -289,17 +299,14 @@ class PatternRecorder(Callback):
                 )
             self.probe = Probe.build(dm.probe())
         self._world, self._rank = trainer.world_size, trainer.global_rank
-        self._steps_live = not sch.is_never(self.steps_schedule)
-        self._weights_live = not all(
-            sch.is_never(s) for s in (self.schedule, self.neuron_schedule, self.checkpoint_schedule))
         root_loc = RunLocation.create(self.root, self.run_name or "probe-check")
         root_loc.check_writable()
         if self.probe.splits:
             split, first = next(iter(self.probe.splits.items()))
             x = first.inputs[: min(2, len(first))]
             device = _module_device(pl_module)
-            was_training = _training_flags(pl_module)
-            pl_module.eval()
+            eval_mode = _EvalMode(pl_module)
+            was_training = eval_mode.enter()
             try:
                 calls, widths = trace_layers(
                     pl_module, modules, lambda t: self.probe_forward(pl_module, t), x.to(device)
@@ -311,7 +318,7 @@ class PatternRecorder(Callback):
                     "Pass probe inputs shaped like one training batch's inputs, or probe_forward=..."
                 ) from exc
             finally:
-                _restore_training(was_training)
+                eval_mode.exit(was_training)
             for other, s in self.probe.splits.items():
                 if tuple(s.inputs.shape[1:]) != tuple(first.inputs.shape[1:]):
                     raise ProbeError(
@@ -348,9 +355,9 @@ class PatternRecorder(Callback):
         )
         self._on_accelerator = pl_module.device.type != "cpu"
         if self._capture is not None:
-            # On CPU the hooks keep bool masks (one cast per layer) and the writer thread packs
-            # them; on accelerators the bits are packed on the device before the host copy.
-            self._capture.pack_on_device = pl_module.device.type != "cpu"
+            # On CPU the hooks keep bool masks (one cast per layer), packed on the host; on
+            # accelerators the bits are packed on the device before the host copy.
+            self._capture.pack_on_device = self._on_accelerator
         restored = self._restored or {}
         run_id = restored.get("run_id") or self.run_name or _new_run_id()
         run_id = trainer.strategy.broadcast(run_id, src=0)
@@ -494,13 +501,13 @@ class PatternRecorder(Callback):
         was_training = self._eval_mode.enter()
         pieces: list[torch.Tensor] = []
         layout: list[tuple[str, str, str, int, int]] = []  # (what, split, layer, rows, cols)
-        # Neuron counts: on an accelerator a one-hot matmul on the device; on CPU the writer
-        # thread counts them from the bool masks, off the training thread.
+        # Neuron counts: on an accelerator a one-hot matmul on the device; on CPU they are
+        # summed from the bool masks right after the forward (neuron_counts="auto").
         counts_on_device = self._counts_on_device
-        # CPU: the lean batch hooks keep one bool mask per layer and chunk, the writer does the rest
+        # CPU: the lean batch hooks keep one bool mask per layer and chunk, into reused buffers
         masks_path = not (counts_on_device or self._on_accelerator)
         what = "bits" if patterns else "nbits"
-        deferred: list[tuple[tuple[str, str, str], list[Any]]] = []  # bool masks, packed by the writer
+        deferred: list[tuple[tuple[str, str, str], list[Any]]] = []  # CPU bool masks, decoded below
         was_attached = cap.batch_attached
         bs = self.probe_batch_size
         try:
@@ -564,7 +571,7 @@ class PatternRecorder(Callback):
         host, event = _to_host(pieces) if pieces else (None, None)
         ids, labels, n_classes, last_layer, widths = self._probe_meta
         from_bits = neurons and not counts_on_device
-        if masks_path:
+        if not self._on_accelerator:
             # CPU: pack and count here, while the masks are hot in this core's cache. On the
             # writer thread the same numpy work would hand the GIL back and forth with this
             # thread at every call, which cost the training step about twice the work itself.
@@ -573,10 +580,7 @@ class PatternRecorder(Callback):
             self._pending.append(lambda: decoded)
             # what waits is now small (packed bits, counts): it joins the regular hand-offs
             self._pending_bytes += sum(c.bits.nbytes for c in decoded.get("patterns", ()))
-            if len(self._pending_batches) + len(self._pending) >= self.submit_every or (
-                self._pending_bytes >= self.submit_bytes
-            ):
-                self._submit_pending()
+            self._submit_if_due()
             return
         self._pending.append(
             lambda: _decode_probe(host, event, layout, step, ids, n_classes, last_layer,
@@ -637,6 +641,10 @@ class PatternRecorder(Callback):
             self._pending_batches.append(_device_record(step, ids, bits, scalars, meta))
         else:
             self._pending_batches.append((step, ids, bits, scalars, meta))
+        self._submit_if_due()
+
+    def _submit_if_due(self) -> None:
+        """Hand the pending records over once ``submit_every`` of them or ``submit_bytes`` wait."""
         if len(self._pending_batches) + len(self._pending) >= self.submit_every or (
             self._pending_bytes >= self.submit_bytes
         ):
@@ -754,16 +762,6 @@ class _EvalMode:
         else:
             for m, training in zip(self.modules, flags):
                 m.training = training
-
-
-def _training_flags(module: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """Every submodule with its train/eval flag (``modules()``: no qualified names built)."""
-    return [(m, m.training) for m in module.modules()]
-
-
-def _restore_training(flags: list[tuple[nn.Module, bool]]) -> None:
-    for m, training in flags:
-        m.training = training
 
 
 def _accumulation(trainer: Trainer) -> int:
@@ -918,7 +916,10 @@ def _decode_probe(
     widths: dict[str, int] | None = None,
     deferred: list[tuple[tuple[str, str, str], list[Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Writer-thread side of a probe step: pattern chunks and the neuron table.
+    """Decode a probe step into pattern chunks and the neuron table.
+
+    On CPU this runs on the training thread right after the probe forward (everything is
+    on the host already); on accelerators on the writer thread, after the host copy.
 
     With ``labels`` (CPU runs, or ``neuron_counts="writer"``) the per-class counts are
     computed here, from the bool masks (``deferred``, CPU) or from packed bits; otherwise

@@ -32,7 +32,6 @@ from torch import nn
 from dynatrack.analysis.activations import RELU_FAMILY
 
 
-
 class LayerSelectionError(ValueError):
     """No layer to record, or a requested layer name that matches nothing."""
 
@@ -302,8 +301,8 @@ class Capture:
 
         def gate_hook(m: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if cap.enabled and args and isinstance(args[0], torch.Tensor):
-                active = torch.relu(args[0].detach()).bool()
-                slots[i].append(pack_bits(active.reshape(active.shape[0], -1)) if on_device else active)
+                active = active_mask(m, args[0], output)
+                slots[i].append(pack_bits(active) if on_device else active)
 
         return gate_hook
 

@@ -31,7 +31,15 @@ import pyarrow.dataset as ds
 from dynatrack.analysis.partitions import partition_labels
 from dynatrack.store.fs import RunLocation, StoreError
 from dynatrack.store.manifest import read_manifest
-from dynatrack.store.schema import ANALYSIS, CHECKPOINTS, PROBE_DIR, TABLES, parse_checkpoint_name, parse_part_name
+from dynatrack.store.schema import (
+    ANALYSIS,
+    CHECKPOINTS,
+    PROBE_DIR,
+    TABLES,
+    parse_checkpoint_name,
+    parse_part_name,
+    with_dictionary_strings,
+)
 
 RunError = StoreError
 
@@ -127,9 +135,7 @@ class Run:
         fmt: Any = "parquet"
         if dictionary_strings:
             strings = [f.name for f in schema if pa.types.is_string(f.type)]
-            schema = pa.schema(
-                [pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in strings else f for f in schema]
-            )
+            schema = with_dictionary_strings(schema)
             fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=strings))
         cutoffs = self._cutoffs()
         groups: dict[tuple[int, int], list[str]] = defaultdict(list)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from dynatrack.analysis.patterns import popcount
-from dynatrack.store.schema import NEURONS, PATTERNS, STEPS
+from dynatrack.store.schema import NEURONS, PATTERNS, STEPS, with_dictionary_strings
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,8 @@ def patterns_table(chunks: list[PatternChunk], *, dictionary: bool = False) -> p
             "bits": bits,
             "n_active": n_active,
         },
-        schema=_with_dictionaries(PATTERNS) if dictionary else PATTERNS,
+        schema=with_dictionary_strings(PATTERNS) if dictionary else PATTERNS,
     )
-
-
-def _with_dictionaries(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with its string columns as ``dictionary<int32, string>``."""
-    return pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if pa.types.is_string(f.type) else f
-                      for f in schema])
 
 
 @dataclass(frozen=True)

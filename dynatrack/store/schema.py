@@ -78,6 +78,16 @@ PROBE = pa.schema(
 
 TABLES: dict[str, pa.Schema] = {"patterns": PATTERNS, "steps": STEPS, "neurons": NEURONS}
 
+
+def with_dictionary_strings(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with its string columns as ``dictionary<int32, string>`` (as Parquet stores them).
+
+    >>> with_dictionary_strings(STEPS) == STEPS, with_dictionary_strings(PATTERNS).field("layer").type
+    (True, DictionaryType(dictionary<values=string, indices=int32, ordered=0>))
+    """
+    return pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if pa.types.is_string(f.type) else f
+                      for f in schema])
+
 SOURCES = ("probe", "batch")
 
 MANIFEST = "manifest.json"

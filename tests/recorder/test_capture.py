@@ -5,7 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from dynatrack.recorder.capture import LayerSelectionError, materialize, pack_bits, select_layers
+from dynatrack.recorder.capture import (
+    LayerSelectionError,
+    materialize,
+    pack_bits,
+    select_layers,
+)
 
 
 @pytest.mark.parametrize("width", [1, 7, 8, 9, 64, 100])
