@@ -150,6 +150,51 @@ def materialize(masks: list[Any]) -> np.ndarray:
     return pack_rows(rows, owned)
 
 
+class ProbeMasks:
+    """One probe split's bool masks, every recorded layer side by side: ``bool[n, total]`` (CPU probe steps).
+
+    The CPU probe forward's hooks write each call's mask straight into its block of
+    this buffer (rows of its chunk, columns of its layer), so after the forward one
+    pass packs all layers and one pass counts them per class. Each layer's columns
+    start at a multiple of 8 (padding columns stay zero), so its packed bits are a
+    byte-aligned slice and the whole row is a whole number of uint64 words.
+    The buffer is kept across probe steps (decoded before the next one writes it).
+
+    >>> cap = ProbeMasks({0: [("a", 3)], 1: [("b", 9)]}, rows=2, chunk=2)
+    >>> [(name, off, w) for name, off, w in cap.layers], tuple(cap.masks.shape)
+    ([('a', 0, 3), ('b', 8, 9)], (2, 24))
+    """
+
+    def __init__(self, slots: dict[int, list[tuple[str, int]]], rows: int, chunk: int) -> None:
+        self.chunk = chunk
+        self.layers: list[tuple[str, int, int]] = []  # (layer, first column, width), in forward order
+        self._slots: dict[int, list[tuple[int, int]]] = {}  # slot -> (first column, width) per call in a forward
+        total = 0
+        for i, calls in slots.items():
+            self._slots[i] = []
+            for name, width in calls:
+                self.layers.append((name, total, width))
+                self._slots[i].append((total, width))
+                total += -(-width // 8) * 8
+        self.rows = rows
+        self.masks = torch.zeros((rows, total), dtype=torch.bool)
+
+    def view(self, i: int, j: int, like: torch.Tensor) -> torch.Tensor:
+        """The block for call ``j`` of slot ``i`` (over the chunks' forwards), shaped like ``like``."""
+        per_call = self._slots[i]
+        k = len(per_call)
+        off, width = per_call[j % k]
+        r0 = (j // k) * self.chunk
+        n = like.shape[0]
+        if r0 + n > self.rows or like.numel() != n * width:
+            raise ValueError(
+                f"a probe forward gave a mask of shape {tuple(like.shape)} for call {j} of recorded module #{i}, "
+                f"expected {width} values per sample and at most {self.rows} samples (as traced at setup); "
+                "the recorded layers must have the same widths and calls in every probe forward"
+            )
+        return self.masks[r0 : r0 + n, off : off + width].view(like.shape)
+
+
 class Capture:
     """Forward hooks that turn each selected module's input sign into pattern bits.
 
@@ -176,8 +221,8 @@ class Capture:
         self.enabled = False  # hooks stay attached across recorded steps; this gates them
         self.pack_on_device = True  # False on CPU: keep bool masks, the writer thread packs them
         self.onehot: torch.Tensor | None = None  # [C, n] float, or [1, n] ones without labels
-        # probe forwards on CPU: masks go to buffers kept across probe steps, keyed by (slot, call, shape)
-        self.reuse: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] | None = None
+        # probe forwards on CPU: the masks go to one split's buffer, kept across probe steps
+        self.reuse: ProbeMasks | None = None
         # the training batch's hooks: one lean hook per module, appending to its slot
         self._batch_handles: list[Any] = []
         self._slots: list[list[torch.Tensor]] = [[] for _ in modules]
@@ -262,14 +307,14 @@ class Capture:
                     out.setdefault(f"{name}@{j % k}", []).append(item)
         return out
 
-    def reuse_buffer(self, i: int, output: torch.Tensor) -> torch.Tensor:
-        """A bool buffer shaped like ``output`` for the next mask of slot ``i``, kept across probe steps."""
-        assert self.reuse is not None
-        key = (i, len(self._slots[i]), tuple(output.shape))
-        buf = self.reuse.get(key)
-        if buf is None:
-            buf = self.reuse[key] = torch.empty(output.shape, dtype=torch.bool)
-        return buf
+    def probe_masks(self, widths: dict[str, int], rows: int, chunk: int) -> ProbeMasks:
+        """A :class:`ProbeMasks` buffer for a probe split of ``rows`` samples run in chunks of ``chunk``."""
+        slots = {}
+        for i, (name, _) in enumerate(self.modules):
+            k = self.calls.get(name, 1)
+            layers = [name] if k == 1 else [f"{name}@{j}" for j in range(k)]
+            slots[i] = [(layer, widths[layer]) for layer in layers]
+        return ProbeMasks(slots, rows, chunk)
 
     def _batch_hook(self, i: int, module: nn.Module) -> Callable[..., None]:
         """The training forward's hook for module ``i``: as little Python as possible.
@@ -292,8 +337,8 @@ class Capture:
                     if cap.enabled:
                         if cap.reuse is None:
                             slots[i].append(output.bool())
-                        else:  # probe forward: a persistent buffer (no fresh pages, same heap as a plain forward)
-                            slots[i].append(cap.reuse_buffer(i, output).copy_(output))
+                        else:  # probe forward: into the split's buffer (no fresh pages; one pass packs all layers)
+                            slots[i].append(cap.reuse.view(i, len(slots[i]), output).copy_(output))
 
             return hook
 
@@ -302,7 +347,11 @@ class Capture:
         def gate_hook(m: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if cap.enabled and args and isinstance(args[0], torch.Tensor):
                 active = active_mask(m, args[0], output)
-                slots[i].append(pack_bits(active) if on_device else active)
+                if on_device:
+                    active = pack_bits(active)
+                elif cap.reuse is not None:
+                    active = cap.reuse.view(i, len(slots[i]), active).copy_(active)
+                slots[i].append(active)
 
         return gate_hook
 

@@ -73,3 +73,82 @@ def test_writer_class_counts_equal_a_naive_loop(order, width):
     else:
         naive = [[sum(int(r[j]) for r, y in zip(rows, labels) if y == c) for j in range(width)] for c in range(n_classes)]
     np.testing.assert_array_equal(got, np.array(naive))
+
+
+class _Net(nn.Module):
+    """Widths 3 (a shared ReLU, called twice: 3 and 13 wide), a conv ReLU (2x3x3 = 18) and a GELU gate (9)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 2)
+        self.act = nn.ReLU()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(18, 3), nn.Linear(3, 13), nn.Linear(13, 9)
+        self.gate = nn.GELU()
+
+    def forward(self, x):
+        h = self.act(self.conv(x)).flatten(1)
+        h = self.act(self.fc1(h))
+        h = self.act(self.fc2(h))
+        return self.gate(self.fc3(h))
+
+
+def _reference_masks(net, x):
+    """Every recorded layer's pre-activation sign, by a plain forward (no hooks)."""
+    with torch.no_grad():
+        c = net.conv(x)
+        h1 = net.fc1(torch.relu(c).flatten(1))
+        h2 = net.fc2(torch.relu(h1))
+        g = net.fc3(torch.relu(h2))
+    return {"act@0": (c > 0).flatten(1), "act@1": h1 > 0, "act@2": h2 > 0, "gate": g > 0}
+
+
+def test_probe_masks_decode_equals_packbits_and_a_naive_count():
+    # CPU probe steps: the hooks write every layer into one buffer; one pack and one count decode it
+    from dynatrack.recorder.callback import _decode_probe_buffer
+    from dynatrack.recorder.capture import Capture, trace_layers
+
+    torch.manual_seed(0)
+    net = _Net()
+    modules = select_layers(net, None)
+    x0 = torch.randn(2, 1, 4, 4)
+    calls, widths = trace_layers(net, modules, net, x0)
+    assert calls == {"act": 3, "gate": 1} and widths == {"act@0": 18, "act@1": 3, "act@2": 13, "gate": 9}
+    cap = Capture(modules, calls)
+    cap.pack_on_device = False
+    n, chunk = 23, 10
+    buf = cap.probe_masks(widths, n, chunk)
+    assert [off % 8 for _, off, _ in buf.layers] == [0, 0, 0, 0]
+    labels = np.sort(np.random.default_rng(0).integers(0, 4, n))
+    for trial in range(2):  # the second probe step reuses the buffer (its padding must still be zero)
+        x = torch.randn(n, 1, 4, 4) * (1 + trial)
+        cap.reuse = buf
+        cap.start_batch()
+        with torch.no_grad():
+            for i in range(0, n, chunk):
+                net(x[i : i + chunk])
+        taken = cap.take()
+        cap.reuse = None
+        assert {k: len(v) for k, v in taken.items()} == {layer: 3 for layer in widths}
+        ref = _reference_masks(net, x)
+        items = _decode_probe_buffer("bits", "train", buf, labels, 4, True)
+        bits = {layer: a for what, _, layer, a in items if what == "bits"}
+        counts = {layer: a for what, _, layer, a in items if what == "counts"}
+        for layer, mask in ref.items():
+            m = mask.numpy()
+            np.testing.assert_array_equal(bits[layer], np.packbits(m, axis=1, bitorder="big"))
+            naive = [[sum(int(m[r, j]) for r in range(n) if labels[r] == c) for j in range(m.shape[1])] for c in range(4)]
+            np.testing.assert_array_equal(counts[layer], np.array(naive))
+            assert bits[layer].flags.c_contiguous
+    cap.detach()
+
+
+def test_probe_masks_reject_a_layer_whose_width_changed():
+    from dynatrack.recorder.capture import ProbeMasks
+
+    buf = ProbeMasks({0: [("a", 8)]}, rows=4, chunk=4)
+    assert buf.view(0, 0, torch.zeros(4, 8)).shape == (4, 8)
+    with pytest.raises(ValueError, match="expected 8 values per sample"):
+        buf.view(0, 0, torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="at most 4 samples"):
+        buf.view(0, 1, torch.zeros(4, 8))  # a second forward of a full chunk: more rows than the split
+
