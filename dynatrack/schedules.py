@@ -15,12 +15,13 @@ callable, comparable and printable, so they can be stored in a manifest.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 Schedule = Callable[[int], bool]
 
-__all__ = ["Schedule", "every", "log_spaced", "at", "never", "union", "describe"]
+__all__ = ["Schedule", "every", "log_spaced", "at", "never", "union", "describe", "next_step"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,42 @@ def is_never(schedule: Schedule) -> bool:
     if isinstance(schedule, never):
         return True
     return isinstance(schedule, union) and all(is_never(p) for p in schedule.parts)
+
+
+def next_step(schedule: Schedule, step: int) -> float | None:
+    """The first step ``>= step`` that ``schedule`` records: ``math.inf`` if none, ``None`` if unknown.
+
+    Known for the schedules of this module; ``None`` for any other callable (the
+    recorder then calls it at every step). The recorder skips its per-step checks
+    until the earliest next step of its schedules.
+
+    >>> next_step(every(10), 11), next_step(log_spaced(dense=5), 5), next_step(at([3]), 4), next_step(lambda s: True, 0)
+    (20, 10, inf, None)
+    """
+    step = max(int(step), 0)
+    if isinstance(schedule, never):
+        return math.inf
+    if isinstance(schedule, every):
+        if step <= schedule.start:
+            return schedule.start
+        return schedule.start + -(-(step - schedule.start) // schedule.k) * schedule.k
+    if isinstance(schedule, at):
+        later = [s for s in schedule.steps if s >= step]
+        return min(later) if later else math.inf
+    if isinstance(schedule, log_spaced):
+        while True:
+            stride, limit = 1, schedule.dense
+            while step >= limit:
+                stride *= schedule.base
+                limit *= schedule.base
+            candidate = -(-step // stride) * stride
+            if candidate < limit:
+                return candidate
+            step = limit  # past this stride's range: the next range starts at limit
+    if isinstance(schedule, union):
+        nexts = [next_step(p, step) for p in schedule.parts]
+        return None if any(n is None for n in nexts) else min(nexts, default=math.inf)  # type: ignore[type-var]
+    return None
 
 
 def describe(schedule: Schedule) -> str:

@@ -1,4 +1,5 @@
 """Schedules against their plain-language definitions, as naive loops."""
+import math
 
 import pytest
 
@@ -28,3 +29,21 @@ def test_at_union_never():
 def test_bad_schedules_raise(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [schedules.every(7, start=3), schedules.every(1), schedules.log_spaced(), schedules.log_spaced(dense=5, base=10),
+     schedules.log_spaced(dense=3, base=4), schedules.at([0, 17, 400]), schedules.never(),
+     schedules.union([schedules.at([2, 9]), schedules.every(50, start=5)]), schedules.union([schedules.never()])],
+)
+def test_next_step_equals_a_brute_force_scan(schedule):
+    horizon = 5000
+    for step in range(0, 1200):
+        expected = next((s for s in range(step, horizon) if schedule(s)), math.inf)
+        assert schedules.next_step(schedule, step) == expected, (schedule, step)
+
+
+def test_next_step_of_an_arbitrary_callable_is_unknown():
+    assert schedules.next_step(lambda s: s % 3 == 0, 4) is None
+    assert schedules.next_step(schedules.union([schedules.every(2), lambda s: False]), 4) is None

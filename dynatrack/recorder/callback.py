@@ -48,7 +48,6 @@ from dynatrack.recorder.capture import (
     ProbeMasks,
     concat_masks,
     materialize,
-    pack_rows,
     select_layers,
     trace_layers,
 )
@@ -220,6 +219,8 @@ class PatternRecorder(Callback):
         self._grad_norm: torch.Tensor | None = None
         self._want_steps = False  # the current step has a ``steps`` row (decided at batch start)
         self._steps_live = self._weights_live = True  # some schedule may fire (set at train start)
+        self._next_due: float = 0
+        self._params: list[nn.Parameter] = []
         self._world = 1
         self._rank = 0
 
@@ -256,7 +257,7 @@ class PatternRecorder(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self._want_steps:
-            self._grad_norm = _grad_norm(pl_module)
+            self._grad_norm = _grad_norm(self._params or list(pl_module.parameters()))
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -351,6 +352,8 @@ class PatternRecorder(Callback):
         """Agree on a run id across ranks, create or reopen the run directory."""
         self._world, self._rank = trainer.world_size, trainer.global_rank
         self._steps_live = not sch.is_never(self.steps_schedule)
+        self._next_due: float = 0  # the next step whose schedules must be checked (see _next_firing)
+        self._params = list(pl_module.parameters())  # for the gradient norm (walking the modules per row costs)
         self._weights_live = not all(
             sch.is_never(s) for s in (self.schedule, self.neuron_schedule, self.checkpoint_schedule))
         self._indexed = None
@@ -470,7 +473,10 @@ class PatternRecorder(Callback):
             return
         self._writer.raise_if_failed()
         step = self._step_of_batch = trainer.global_step
-        # schedules known to record nothing are not even called (this runs at every step)
+        if step < self._next_due:  # no schedule fires before _next_due: nothing to check (most steps)
+            self._want_steps = False
+            return
+        # schedules known to record nothing are not even called
         self._want_steps = self._steps_live and self._due("steps", step, self.steps_schedule)
         if self._weights_live:
             self._record_weights_step(trainer, pl_module, step, final=False)
@@ -480,6 +486,21 @@ class PatternRecorder(Callback):
             self._batch_active = True
         elif cap.batch_attached:
             cap.detach_batch()  # unrecorded steps run without hooks
+        self._next_due = self._next_firing(step)
+
+    def _next_firing(self, step: int) -> float:
+        """The first step ``>= step`` at which a live schedule may fire (``step`` if one is an opaque callable).
+
+        ``>=``, not ``>``: with gradient accumulation every micro-batch of a recorded step
+        takes the full path (the ``steps`` row is written at the one whose optimizer ran).
+        """
+        live = [self.batch_schedule]
+        if self._steps_live:
+            live.append(self.steps_schedule)
+        if self._weights_live:
+            live += [self.schedule, self.neuron_schedule, self.checkpoint_schedule]
+        nexts = [sch.next_step(s, step) for s in live]
+        return step if any(n is None for n in nexts) else min(nexts)  # type: ignore[type-var]
 
     def _record_weights_step(self, trainer: Trainer, pl_module: LightningModule, step: int, *, final: bool) -> None:
         """Probe patterns, neuron counts and the weights checkpoint of ``step``."""
@@ -779,8 +800,9 @@ def _accumulation(trainer: Trainer) -> int:
     return int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
 
 
-def _grad_norm(module: nn.Module) -> torch.Tensor | None:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
+    """The 2-norm of all gradients of ``params`` (``None`` without any), before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
     norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
@@ -1001,7 +1023,7 @@ def _decode_probe_buffer(
 ) -> list[tuple[str, str, str, np.ndarray]]:
     """Bits and per-class counts of every layer of one probe split, from its :class:`ProbeMasks`.
 
-    One pack (:func:`pack_rows`) and one count (:func:`_class_counts`) over all layers
+    One pack (``numpy.packbits``) and one count (:func:`_class_counts`) over all layers
     side by side; each layer's columns start at a multiple of 8, so its bits are whole
     bytes of the packed rows. The results are new arrays (the buffer is reused).
     """
@@ -1011,7 +1033,7 @@ def _decode_probe_buffer(
         counts = _class_counts(rows, labels, n_classes)
         out += [("counts", split, layer, counts[:, off : off + w]) for layer, off, w in buf.layers]
     if what == "bits":
-        packed = pack_rows(rows)
+        packed = np.packbits(rows, axis=1, bitorder="big")  # here, on the training thread, fastest (one pass, no temporary)
         out += [("bits", split, layer, np.ascontiguousarray(packed[:, off // 8 : off // 8 + (w + 7) // 8]))
                 for layer, off, w in buf.layers]
     return out

@@ -400,3 +400,32 @@ def test_accelerator_code_path_writes_the_same_rows_as_the_cpu_path(tmp_path, da
     assert sa.step.tolist() == sb.step.tolist()
     np.testing.assert_allclose(sa.loss, sb.loss, rtol=1e-6)
     np.testing.assert_allclose(sa.grad_norm, sb.grad_norm, rtol=1e-5)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_every_source_records_exactly_its_schedule_steps(tmp_path, data, accumulate):
+    """Unrecorded steps skip the schedule checks until the next step any schedule can fire:
+    the steps of every table must still be exactly those of its schedule (a naive scan),
+    also under gradient accumulation and with an opaque callable among the schedules."""
+    x, y = data
+    cases = {
+        "known": dict(schedule=schedules.log_spaced(dense=3, base=4), batch_schedule=schedules.at([1, 6, 13]),
+                      neuron_schedule=schedules.every(5, start=2), checkpoint_schedule=schedules.at([7]),
+                      steps_schedule=schedules.every(4, start=1)),
+        "opaque": dict(schedule=schedules.every(6), batch_schedule=lambda s: s in (2, 9),
+                       checkpoint_schedule=schedules.never(), steps_schedule=lambda s: s % 5 == 3),
+    }
+    n_steps = 18
+    for name, kw in cases.items():
+        torch.manual_seed(0)
+        rec = PatternRecorder(str(tmp_path / f"runs-{accumulate}"), run_name=name, probe=(x, y), record_final=False, **kw)
+        trainer(n_steps, [rec], accumulate_grad_batches=accumulate).fit(TinyNet(), loader(x, y, batch_size=8))
+        run = open_run(rec.run_dir)
+        def scan(s):  # noqa: ANN001, ANN202
+            return [k for k in range(n_steps) if s(k)]
+
+        assert run.recorded_steps("patterns", source="probe") == scan(kw["schedule"]), name
+        assert run.recorded_steps("patterns", source="batch") == scan(kw["batch_schedule"]), name
+        assert sorted(set(run.neurons().column("step").to_pylist())) == scan(kw.get("neuron_schedule", kw["schedule"])), name
+        assert sorted(run.steps().column("step").to_pylist()) == scan(kw["steps_schedule"]), name
+        assert run.checkpoint_steps() == scan(kw["checkpoint_schedule"]), name
