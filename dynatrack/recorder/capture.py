@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fnmatch
 import sys
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -159,20 +158,14 @@ class ProbeMasks:
     pass packs all layers and one pass counts them per class. Each layer's columns
     start at a multiple of 8 (padding columns stay zero), so its packed bits are a
     byte-aligned slice and the whole row is a whole number of uint64 words.
-    The buffer is kept across probe steps; ``free`` is clear while its masks wait to be decoded.
+    The buffer is kept across probe steps (decoded before the next one writes it).
 
     >>> cap = ProbeMasks({0: [("a", 3)], 1: [("b", 9)]}, rows=2, chunk=2)
     >>> [(name, off, w) for name, off, w in cap.layers], tuple(cap.masks.shape)
     ([('a', 0, 3), ('b', 8, 9)], (2, 24))
     """
 
-    def __init__(
-        self,
-        slots: dict[int, list[tuple[str, int]]],
-        rows: int,
-        chunk: int,
-        alloc: Callable[[int, int], tuple[Any, torch.Tensor]] | None = None,
-    ) -> None:
+    def __init__(self, slots: dict[int, list[tuple[str, int]]], rows: int, chunk: int) -> None:
         self.chunk = chunk
         self.layers: list[tuple[str, int, int]] = []  # (layer, first column, width), in forward order
         self._slots: dict[int, list[tuple[int, int]]] = {}  # slot -> (first column, width) per call in a forward
@@ -184,10 +177,7 @@ class ProbeMasks:
                 self._slots[i].append((total, width))
                 total += -(-width // 8) * 8
         self.rows = rows
-        # ``alloc(rows, cols) -> (key, zeroed bool tensor)``: e.g. shared memory for the decoder process
-        self.key, self.masks = alloc(rows, total) if alloc is not None else (None, torch.zeros((rows, total), dtype=torch.bool))
-        self.free = threading.Event()  # cleared while a probe step's masks wait to be decoded
-        self.free.set()
+        self.masks = torch.zeros((rows, total), dtype=torch.bool)
 
     def view(self, i: int, j: int, like: torch.Tensor) -> torch.Tensor:
         """The block for call ``j`` of slot ``i`` (over the chunks' forwards), shaped like ``like``."""
@@ -317,17 +307,14 @@ class Capture:
                     out.setdefault(f"{name}@{j % k}", []).append(item)
         return out
 
-    def probe_masks(
-        self, widths: dict[str, int], rows: int, chunk: int,
-        alloc: Callable[[int, int], tuple[Any, torch.Tensor]] | None = None,
-    ) -> ProbeMasks:
+    def probe_masks(self, widths: dict[str, int], rows: int, chunk: int) -> ProbeMasks:
         """A :class:`ProbeMasks` buffer for a probe split of ``rows`` samples run in chunks of ``chunk``."""
         slots = {}
         for i, (name, _) in enumerate(self.modules):
             k = self.calls.get(name, 1)
             layers = [name] if k == 1 else [f"{name}@{j}" for j in range(k)]
             slots[i] = [(layer, widths[layer]) for layer in layers]
-        return ProbeMasks(slots, rows, chunk, alloc)
+        return ProbeMasks(slots, rows, chunk)
 
     def _batch_hook(self, i: int, module: nn.Module) -> Callable[..., None]:
         """The training forward's hook for module ``i``: as little Python as possible.

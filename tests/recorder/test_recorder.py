@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import numpy as np
 import pytest
 import torch
@@ -36,37 +33,8 @@ def fit_recorded(tmp_path, data, steps: int = 12, **rec_kw):  # noqa: ANN001, AN
     return rec, model, open_run(rec.run_dir)
 
 
-class DecoderSpy(Callback):
-    """Counts the replies of the recorder's probe-decoder process (proof that it decoded the masks)."""
-
-    def __init__(self, rec: PatternRecorder, stop_at: int | None = None, kill_at: int | None = None) -> None:
-        self.rec, self.stop_at, self.kill_at, self.replies, self.process = rec, stop_at, kill_at, 0, None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
-        dec = self.rec._decoder
-        if dec is not None:
-            self.process = dec
-            if trainer.global_step == self.stop_at:
-                os.kill(dec.proc.pid, signal.SIGSTOP)  # its next request waits in the pipe, unanswered
-            if trainer.global_step == self.kill_at:
-                dec.proc.kill()
-                dec.proc.wait()
-
-    def on_train_end(self, trainer, pl_module):  # noqa: ANN001, ANN201
-        self.replies = self.process.replies if self.process is not None else 0
-
-
-@pytest.mark.parametrize("decoder", ["process", "inline"])
-def test_probe_bits_equal_plain_forward_of_checkpointed_weights(tmp_path, data, decoder):
-    x, y = data
-    torch.manual_seed(0)
-    rec = PatternRecorder(str(tmp_path / "runs"), run_name="r", probe={"train": (x, y), "test": make_data(20, seed=1)},
-                          schedule=schedules.at([0, 5, 11]), probe_decoder=decoder)
-    spy = DecoderSpy(rec)
-    trainer(12, [rec, spy]).fit(TinyNet(), loader(x, y))
-    run = open_run(rec.run_dir)
-    # the helper process decoded the two splits of every probe step (0, 5, 11 and the final 12)
-    assert (spy.process.replies if spy.process is not None else 0) == (8 if decoder == "process" else 0)
+def test_probe_bits_equal_plain_forward_of_checkpointed_weights(tmp_path, data):
+    rec, _, run = fit_recorded(tmp_path, data, steps=12, schedule=schedules.at([0, 5, 11]))
     x, _ = data
     test_x, _ = make_data(20, seed=1)
     assert run.recorded_steps() == [0, 5, 11, 12]  # 12: the final weights (record_final)
@@ -94,11 +62,10 @@ def test_n_active_is_popcount_and_row_bytes_match_width(tmp_path, data):
         assert n_active == sum(bin(b).count("1") for b in bits)
 
 
-@pytest.mark.parametrize(("where", "decoder"), [("device", "auto"), ("writer", "process"), ("writer", "inline")])
-def test_neuron_partitions_equal_counts_from_pattern_rows(tmp_path, data, where, decoder):
+@pytest.mark.parametrize("where", ["device", "writer"])
+def test_neuron_partitions_equal_counts_from_pattern_rows(tmp_path, data, where):
     x, y = data
-    _, _, run = fit_recorded(tmp_path, data, steps=6, schedule=schedules.at([0, 4]), neuron_counts=where,
-                             probe_decoder=decoder)
+    _, _, run = fit_recorded(tmp_path, data, steps=6, schedule=schedules.at([0, 4]), neuron_counts=where)
     neurons = run.neurons().to_pandas()
     for step in (0, 4, 6):
         for layer, width in run.widths.items():
@@ -462,28 +429,3 @@ def test_every_source_records_exactly_its_schedule_steps(tmp_path, data, accumul
         assert sorted(set(run.neurons().column("step").to_pylist())) == scan(kw.get("neuron_schedule", kw["schedule"])), name
         assert sorted(run.steps().column("step").to_pylist()) == scan(kw["steps_schedule"]), name
         assert run.checkpoint_steps() == scan(kw["checkpoint_schedule"]), name
-
-
-def test_a_killed_probe_decoder_process_loses_no_row(tmp_path, data, caplog):
-    """The helper is stopped after step 4's probe and killed at step 7: step 6's masks, requested
-    but never answered, are decoded by the writer thread, step 8's and 10's in the training
-    process; every probe step's bits still equal a plain forward of its weights."""
-    x, y = data
-    torch.manual_seed(0)
-    rec = PatternRecorder(str(tmp_path / "runs"), run_name="k", probe=(x, y), schedule=schedules.every(2),
-                          probe_decoder="process")
-    spy = DecoderSpy(rec, stop_at=5, kill_at=7)
-    with caplog.at_level("WARNING"):
-        trainer(10, [rec, spy]).fit(TinyNet(), loader(x, y))
-    run = open_run(rec.run_dir)
-    assert spy.process.replies == 3  # steps 0, 2, 4
-    assert "probe decoder process failed" in caplog.text
-    assert run.recorded_steps() == [0, 2, 4, 6, 8, 10]
-    for step in run.recorded_steps():
-        z = manual_preacts(run.checkpoint(step), x)
-        for layer, zl in zip(["net.1", "net.3"], z):
-            ids, bits = run.pattern_bits(step, layer)
-            assert ids.tolist() == list(range(len(x)))
-            assert_signs(bits, zl)
-    neurons = run.neurons().to_pandas()
-    assert sorted(set(neurons.step)) == [0, 2, 4, 6, 8, 10]
