@@ -22,7 +22,8 @@ packed and counted on the training thread right after the probe forward, in one
 pass each (numpy work on the writer thread would make the training thread wait for
 the GIL at every call). Records go to the background
 writer ``submit_every`` steps (or ``submit_bytes``) at a time; Arrow and all file
-I/O happen there. Unrecorded steps pay one schedule call per source that can fire.
+I/O happen there. Steps before the next one at which any schedule can fire
+(:func:`dynatrack.schedules.next_step`) cost one comparison.
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ class PatternRecorder(Callback):
         self._want_steps = False  # the current step has a ``steps`` row (decided at batch start)
         self._steps_live = self._weights_live = True  # some schedule may fire (set at train start)
         self._next_due: float = 0
+        self._one_micro_batch = True
         self._params: list[nn.Parameter] = []
         self._world = 1
         self._rank = 0
@@ -353,6 +355,7 @@ class PatternRecorder(Callback):
         self._world, self._rank = trainer.world_size, trainer.global_rank
         self._steps_live = not sch.is_never(self.steps_schedule)
         self._next_due: float = 0  # the next step whose schedules must be checked (see _next_firing)
+        self._one_micro_batch = _accumulation(trainer) == 1
         self._params = list(pl_module.parameters())  # for the gradient norm (walking the modules per row costs)
         self._weights_live = not all(
             sch.is_never(s) for s in (self.schedule, self.neuron_schedule, self.checkpoint_schedule))
@@ -486,13 +489,17 @@ class PatternRecorder(Callback):
             self._batch_active = True
         elif cap.batch_attached:
             cap.detach_batch()  # unrecorded steps run without hooks
-        self._next_due = self._next_firing(step)
+        # the next step can skip this path unless it must detach the batch hooks or is another
+        # micro-batch of this step (gradient accumulation)
+        after = step + 1 if self._one_micro_batch and not cap.batch_attached else step
+        self._next_due = self._next_firing(after)
 
     def _next_firing(self, step: int) -> float:
         """The first step ``>= step`` at which a live schedule may fire (``step`` if one is an opaque callable).
 
-        ``>=``, not ``>``: with gradient accumulation every micro-batch of a recorded step
-        takes the full path (the ``steps`` row is written at the one whose optimizer ran).
+        Called with the current step under gradient accumulation, so every micro-batch of a
+        recorded step takes the full path (the ``steps`` row is written at the one whose
+        optimizer ran), and after a batch-recorded step (the next one detaches the hooks).
         """
         live = [self.batch_schedule]
         if self._steps_live:

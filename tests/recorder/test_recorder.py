@@ -419,7 +419,14 @@ def test_every_source_records_exactly_its_schedule_steps(tmp_path, data, accumul
     for name, kw in cases.items():
         torch.manual_seed(0)
         rec = PatternRecorder(str(tmp_path / f"runs-{accumulate}"), run_name=name, probe=(x, y), record_final=False, **kw)
-        trainer(n_steps, [rec], accumulate_grad_batches=accumulate).fit(TinyNet(), loader(x, y, batch_size=8))
+        hooked: set[int] = set()
+
+        class HookSpy(Callback):  # runs after the recorder: are the batch hooks attached for this batch?
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+                if rec._capture.batch_attached:
+                    hooked.add(trainer.global_step)
+
+        trainer(n_steps, [rec, HookSpy()], accumulate_grad_batches=accumulate).fit(TinyNet(), loader(x, y, batch_size=8))
         run = open_run(rec.run_dir)
         def scan(s):  # noqa: ANN001, ANN202
             return [k for k in range(n_steps) if s(k)]
@@ -429,3 +436,4 @@ def test_every_source_records_exactly_its_schedule_steps(tmp_path, data, accumul
         assert sorted(set(run.neurons().column("step").to_pylist())) == scan(kw.get("neuron_schedule", kw["schedule"])), name
         assert sorted(run.steps().column("step").to_pylist()) == scan(kw["steps_schedule"]), name
         assert run.checkpoint_steps() == scan(kw["checkpoint_schedule"]), name
+        assert sorted(hooked) == scan(kw["batch_schedule"]), name  # unrecorded steps run without hooks
