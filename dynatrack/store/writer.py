@@ -22,9 +22,12 @@ training process by :meth:`ShardWriter.raise_if_failed`.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import logging
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -230,6 +233,8 @@ class ShardWriter:
         self._buffers[kind] = []
         self._buffered_rows[kind] = 0
         self._buffer_since[kind] = None
+        del table
+        _release_memory()
 
     def _next_seq(self) -> int:
         """Continue numbering after the shards of this attempt already on disk."""
@@ -240,6 +245,32 @@ class ShardWriter:
                 if parsed is not None and parsed[0] == self.attempt:
                     seqs.append(parsed[1])
         return max(seqs) + 1
+
+
+def _release_memory() -> None:
+    """Hand the memory freed after a shard back to the OS (Arrow's pool, and glibc's heap on Linux).
+
+    A shard's buffers and table are freed at once; the allocators would otherwise keep the
+    pages for reuse, so RSS kept growing over the first shards. Once per shard; the glibc
+    call runs without the GIL (ctypes).
+    """
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only; musl has none)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _encoding(schema: pa.Schema) -> dict[str, Any]:
