@@ -27,6 +27,9 @@ Configurations (the issue's targets in brackets):
   (no_grad, eval, same chunks, at the same steps), the hand-written alternative; the
   headline is ``ratio(with) - (ratio(probe_forward) - 1)``. (The probe forward timed
   back to back outside the steps, warm, is reported too, as ``probe_forward_isolated``.)
+  A second estimate, ``by_step_position``, takes the median step time at each position
+  of the windows (0: the probe step) per arm and sums them: a burst of machine noise in
+  one step of a window then moves it as little as it moves a median step time.
 
 Also: process RSS (``VmRSS``, and the peak ``VmHWM``) along one long run of ``a``
 inside a single Trainer (1k ... 10k recorded steps), to show memory does not
