@@ -264,7 +264,7 @@ def _load_libc() -> Any:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018  (glibc only; musl has none)
+        libc.malloc_trim  # noqa: B018 - glibc only (musl has none): AttributeError below
         return libc
     except (OSError, AttributeError):
         return None

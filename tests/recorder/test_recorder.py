@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TinyNet, assert_signs, loader, make_data, trainer
 from lightning.pytorch import Callback
 
-from conftest import TinyNet, assert_signs, loader, make_data, trainer
 from dynatrack import PatternRecorder, open_run, schedules
 from dynatrack.analysis.partitions import partition_labels
 
@@ -23,7 +23,7 @@ def manual_preacts(state: dict, x: torch.Tensor, n_hidden: int = 2) -> list[torc
     return out
 
 
-def fit_recorded(tmp_path, data, steps: int = 12, **rec_kw):  # noqa: ANN001, ANN201
+def fit_recorded(tmp_path, data, steps: int = 12, **rec_kw):
     x, y = data
     torch.manual_seed(0)
     model = TinyNet()
@@ -107,7 +107,7 @@ def test_batch_source_rows_match_the_batch_forward(tmp_path, data):
     seen: dict[int, torch.Tensor] = {}
 
     class Spy(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen[trainer.global_step] = batch[-1].clone()
 
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def test_train_mode_restored_and_probe_in_eval(tmp_path, data):
             self.drop = torch.nn.Dropout(0.5)
             self.drop.eval()  # a submodule deliberately frozen in eval: must stay so
 
-        def forward(self, x):  # noqa: ANN001, ANN201
+        def forward(self, x):
             modes.append((self.training, self.drop.training))
             return self.net(self.drop(x))
 
@@ -197,7 +197,7 @@ def test_shared_activation_module_and_non_sequential_model(tmp_path, data, probe
             self.act = torch.nn.LeakyReLU(0.2)  # one module, called twice per forward
             self.head = torch.nn.Linear(7, 3)
 
-        def forward(self, x):  # noqa: ANN001, ANN201
+        def forward(self, x):
             return self.head(self.act(self.blocks["b"].fc(self.act(self.blocks["a"].fc(x)))))
 
     torch.manual_seed(1)
@@ -255,7 +255,7 @@ def test_probe_set_is_stored_in_the_run(tmp_path, data):
 class ModifiesPreactivation(TinyNet):
     """Changes the first layer's pre-activation in place *after* its ReLU ran (legal for autograd)."""
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         z = self.net[0](x)
         a = self.net[1](z)
         z.sub_(100.0)  # kept, unpacked signs of z would now all read "off"
@@ -294,7 +294,7 @@ def test_steps_rows_under_gradient_accumulation(tmp_path, data):
     norms: dict[int, float] = {}
 
     class NormSpy(Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001, ANN201
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             sq = sum(float((p.grad.double() ** 2).sum()) for p in pl_module.parameters() if p.grad is not None)
             norms[trainer.global_step] = sq ** 0.5
 
@@ -315,7 +315,7 @@ def test_batch_rows_with_uneven_batches_many_steps_per_hand_off(tmp_path, data):
     weights: dict[int, dict[str, torch.Tensor]] = {}
 
     class Snapshot(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             weights[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     torch.manual_seed(0)
@@ -366,7 +366,7 @@ class AcceleratorPathRecorder(PatternRecorder):
     counts by the one-hot matmul, each step's tensors in one host record with its layout, the
     loss and gradient norm stacked. Exercises that path where no GPU is available."""
 
-    def _open_run(self, trainer, pl_module):  # noqa: ANN001, ANN202
+    def _open_run(self, trainer, pl_module):
         super()._open_run(trainer, pl_module)
         self._on_accelerator = True
         self._counts_on_device = True
@@ -376,7 +376,7 @@ class AcceleratorPathRecorder(PatternRecorder):
 def test_accelerator_code_path_writes_the_same_rows_as_the_cpu_path(tmp_path, data):
     x, y = data
 
-    def record(cls, name):  # noqa: ANN001, ANN202
+    def record(cls, name):
         torch.manual_seed(0)
         model = TinyNet()
         rec = cls(str(tmp_path / name), run_name=name, probe={"train": (x, y), "test": make_data(20, seed=1)},
@@ -422,13 +422,13 @@ def test_every_source_records_exactly_its_schedule_steps(tmp_path, data, accumul
         hooked: set[int] = set()
 
         class HookSpy(Callback):  # runs after the recorder: are the batch hooks attached for this batch?
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if rec._capture.batch_attached:
                     hooked.add(trainer.global_step)
 
         trainer(n_steps, [rec, HookSpy()], accumulate_grad_batches=accumulate).fit(TinyNet(), loader(x, y, batch_size=8))
         run = open_run(rec.run_dir)
-        def scan(s):  # noqa: ANN001, ANN202
+        def scan(s):
             return [k for k in range(n_steps) if s(k)]
 
         assert run.recorded_steps("patterns", source="probe") == scan(kw["schedule"]), name
