@@ -392,6 +392,23 @@ class ProbeForward(pl.Callback):
                 pl_module.train(was)
 
 
+def _kept_segments(starts: list[float], segments: list[Segment], arm: str) -> list[Segment]:
+    """The measured segments of ``arm``: not the warm-up cycle, and complete (the fit may stop on its budget)."""
+    out = []
+    for seg in segments:
+        if seg.arm != arm or seg.cycle == 0:
+            continue
+        if seg.start + seg.length >= len(starts):
+            break  # the fit stopped early (time budget): incomplete segments are not measured
+        out.append(seg)
+    return out
+
+
+def _window_starts(seg: Segment, settle: int, period: int) -> list[int]:
+    """Offsets in ``seg`` of the ``period``-step windows that start at a recorded step, after ``settle``."""
+    return [k for k in range(settle, seg.length - period + 1) if (seg.start + k) % period == 0]
+
+
 def segment_samples(
     starts: list[float], segments: list[Segment], arm: str, *, settle: int, period: int
 ) -> list[list[float]]:
@@ -402,20 +419,12 @@ def segment_samples(
     ``period > 1`` the samples are means over windows that start at a recorded step.
     """
     out = []
-    for seg in segments:
-        if seg.arm != arm or seg.cycle == 0:
-            continue
-        if seg.start + seg.length >= len(starts):
-            break  # the fit stopped early (time budget): incomplete segments are not measured
+    for seg in _kept_segments(starts, segments, arm):
         times = [starts[i + 1] - starts[i] for i in range(seg.start, seg.start + seg.length)]
         if period == 1:
             out.append(times[settle:])
         else:
-            out.append([
-                sum(times[k : k + period]) / period
-                for k in range(settle, seg.length - period + 1)
-                if (seg.start + k) % period == 0
-            ])
+            out.append([sum(times[k : k + period]) / period for k in _window_starts(seg, settle, period)])
     return [x for x in out if x]
 
 
@@ -429,16 +438,11 @@ def position_medians(
     as it moves a batch configuration's median step time.
     """
     by_pos: list[list[float]] = [[] for _ in range(period)]
-    for seg in segments:
-        if seg.arm != arm or seg.cycle == 0:
-            continue
-        if seg.start + seg.length >= len(starts):
-            break
-        for k in range(settle, seg.length - period + 1):
-            if (seg.start + k) % period == 0:
-                for j in range(period):
-                    i = seg.start + k + j
-                    by_pos[j].append(starts[i + 1] - starts[i])
+    for seg in _kept_segments(starts, segments, arm):
+        for k in _window_starts(seg, settle, period):
+            for j in range(period):
+                i = seg.start + k + j
+                by_pos[j].append(starts[i + 1] - starts[i])
     return [statistics.median(v) if v else math.nan for v in by_pos]
 
 

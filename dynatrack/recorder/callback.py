@@ -259,7 +259,7 @@ class PatternRecorder(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self._want_steps:
-            self._grad_norm = _grad_norm(self._params or list(pl_module.parameters()))
+            self._grad_norm = _grad_norm(self._params)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -354,7 +354,7 @@ class PatternRecorder(Callback):
         """Agree on a run id across ranks, create or reopen the run directory."""
         self._world, self._rank = trainer.world_size, trainer.global_rank
         self._steps_live = not sch.is_never(self.steps_schedule)
-        self._next_due: float = 0  # the next step whose schedules must be checked (see _next_firing)
+        self._next_due = 0  # the next step whose schedules must be checked (see _next_firing)
         self._one_micro_batch = _accumulation(trainer) == 1
         self._params = list(pl_module.parameters())  # for the gradient norm (walking the modules per row costs)
         self._weights_live = not all(
@@ -546,7 +546,6 @@ class PatternRecorder(Callback):
         try:
             if masks_path:
                 cap.start_batch()
-
             else:
                 cap.detach_batch()  # the training forward's hooks must not see the probe (re-attached after)
                 cap.attach()
@@ -962,8 +961,9 @@ def _decode_probe(
     on the host already); on accelerators on the writer thread, after the host copy.
 
     With ``labels`` (CPU runs, or ``neuron_counts="writer"``) the per-class counts are
-    computed here, from the bool masks (``deferred``, CPU) or from packed bits; otherwise
-    they arrive as ``counts`` items computed on the device.
+    computed here, from the probe's mask buffers (``buffers``, CPU) or from packed bits;
+    otherwise they arrive as ``counts`` items computed on the device. ``deferred`` holds
+    the bool masks of the probe hooks (CPU with ``neuron_counts="device"``): only packed.
     """
     count_here = labels is not None and widths is not None
     items: list[tuple[str, str, str, np.ndarray]] = []  # ("bits" | "counts", split, layer, array)
@@ -977,11 +977,9 @@ def _decode_probe(
             items.append(("counts", split, layer, _class_counts(unpacked, labels[split], n_classes)))  # type: ignore[index]
         if what in ("bits", "counts"):
             items.append((what, split, layer, arr))
-    by_split: dict[str, list[tuple[str, str, list[Any]]]] = {}
-    for (what, split, layer), masks in deferred or []:
-        by_split.setdefault(split, []).append((what, layer, masks))
-    for split, entries in by_split.items():
-        items += _decode_probe_masks(split, entries, labels[split] if count_here else None, n_classes, count_here)  # type: ignore[index]
+    # CPU bool masks of the probe hooks (neuron_counts="device" on CPU: the counts came with them)
+    items += [("bits", split, layer, np.packbits(concat_masks(masks)[0], axis=1, bitorder="big"))
+              for (_, split, layer), masks in deferred or []]
     for what, split, buf in buffers or []:
         items += _decode_probe_buffer(what, split, buf, labels[split] if count_here else None, n_classes, count_here)  # type: ignore[index]
     patterns: list[PatternChunk] = []
@@ -1001,27 +999,6 @@ def _decode_probe(
         out["patterns"] = patterns
     if neurons:
         out["neurons"] = neurons
-    return out
-
-
-def _decode_probe_masks(
-    split: str, entries: list[tuple[str, str, list[Any]]], labels: np.ndarray | None, n_classes: int, count: bool
-) -> list[tuple[str, str, str, np.ndarray]]:
-    """Bits and per-class counts of one probe split from its bool masks, layer by layer.
-
-    Runs on the training thread (CPU probe steps, see ``PatternRecorder._record_probe``),
-    right after the probe forward while the masks are in cache: ``numpy.packbits`` (one
-    pass over the masks) and the word-wise class counts of :func:`_class_counts`. The
-    results are new arrays: the masks' buffers are reused at the next probe step.
-    Returns ``("bits" | "counts", split, layer, array)`` items.
-    """
-    out: list[tuple[str, str, str, np.ndarray]] = []
-    for what, layer, masks in entries:
-        rows, _ = concat_masks(masks)
-        if count:
-            out.append(("counts", split, layer, _class_counts(rows, labels, n_classes)))
-        if what == "bits":
-            out.append(("bits", split, layer, np.packbits(rows, axis=1, bitorder="big")))
     return out
 
 
