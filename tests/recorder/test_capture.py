@@ -103,8 +103,9 @@ def _reference_masks(net, x):
 
 
 def test_probe_masks_decode_equals_packbits_and_a_naive_count():
-    # CPU probe steps: the hooks write every layer into one buffer; one pack and one count decode it
-    from dynatrack.recorder.callback import _decode_probe_buffer
+    # CPU probe steps: the hooks write every layer of a chunk into one buffer; after each chunk's
+    # forward one pack and one count decode it
+    from dynatrack.recorder.callback import _ProbeDecoder
     from dynatrack.recorder.capture import Capture, trace_layers
 
     torch.manual_seed(0)
@@ -116,28 +117,37 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count():
     cap = Capture(modules, calls)
     cap.pack_on_device = False
     n, chunk = 23, 10
-    buf = cap.probe_masks(widths, n, chunk)
+    buf = cap.probe_masks(widths, chunk, chunk)  # one chunk's rows
     assert [off % 8 for _, off, _ in buf.layers] == [0, 0, 0, 0]
     labels = np.sort(np.random.default_rng(0).integers(0, 4, n))
     for trial in range(2):  # the second probe step reuses the buffer (its padding must still be zero)
         x = torch.randn(n, 1, 4, 4) * (1 + trial)
         cap.reuse = buf
+        dec = _ProbeDecoder("bits", "train", buf, n, labels, 4, count=True)
+        totals = _ProbeDecoder("nbits", "train", buf, n, None, 0, count=True)  # counts only, no labels
         cap.start_batch()
         with torch.no_grad():
-            for i in range(0, n, chunk):
+            for i in range(0, n, chunk):  # chunks of 10, 10 and 3 rows (the last leaves stale rows behind)
                 net(x[i : i + chunk])
-        taken = cap.take()
+                taken = cap.take()
+                cap.enabled = True
+                assert {k: len(v) for k, v in taken.items()} == {layer: 1 for layer in widths}
+                dec.add(i, min(chunk, n - i))
+                totals.add(i, min(chunk, n - i))
+        cap.enabled = False
         cap.reuse = None
-        assert {k: len(v) for k, v in taken.items()} == {layer: 3 for layer in widths}
         ref = _reference_masks(net, x)
-        items = _decode_probe_buffer("bits", "train", buf, labels, 4, True)
+        items = dec.items()
         bits = {layer: a for what, _, layer, a in items if what == "bits"}
         counts = {layer: a for what, _, layer, a in items if what == "counts"}
+        assert {what for what, _, _, _ in totals.items()} == {"counts"}
+        total = {layer: a for _, _, layer, a in totals.items()}
         for layer, mask in ref.items():
             m = mask.numpy()
             np.testing.assert_array_equal(bits[layer], np.packbits(m, axis=1, bitorder="big"))
             naive = [[sum(int(m[r, j]) for r in range(n) if labels[r] == c) for j in range(m.shape[1])] for c in range(4)]
             np.testing.assert_array_equal(counts[layer], np.array(naive))
+            np.testing.assert_array_equal(total[layer], m.sum(axis=0, keepdims=True))
             assert bits[layer].flags.c_contiguous
     cap.detach()
 
