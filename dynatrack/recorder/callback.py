@@ -215,9 +215,9 @@ class PatternRecorder(Callback):
         self._counts_on_device = False
         self._on_accelerator = False
         self._eval_mode: _EvalMode | None = None
-        self._probe_buffers: dict[str, ProbeMasks] = {}  # CPU probe masks per split, kept across probe steps
+        self._probe_decoders: dict[str, _ProbeDecoder] = {}  # CPU probe steps: per split, kept for the run
         self._probe_meta: tuple[Any, ...] = ({}, {}, 0, None, {})
-        self._grad_norm: torch.Tensor | None = None
+        self._grad_norm: Any = None  # accelerators: one tensor; CPU: per-gradient norms (the writer combines them)
         self._want_steps = False  # the current step has a ``steps`` row (decided at batch start)
         self._steps_live = self._weights_live = True  # some schedule may fire (set at train start)
         self._next_due: float = 0
@@ -259,7 +259,7 @@ class PatternRecorder(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self._want_steps:
-            self._grad_norm = _grad_norm(self._params)
+            self._grad_norm = _grad_norm(self._params) if self._on_accelerator else _grad_norms(self._params)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -554,13 +554,14 @@ class PatternRecorder(Callback):
             with torch.no_grad():
                 for split_name, split in self._shard.items():
                     if masks_path:
-                        buf = self._probe_buffers.get(split_name)
-                        if buf is None:  # one chunk's rows, kept across chunks and probe steps
-                            buf = self._probe_buffers[split_name] = cap.probe_masks(self._widths, min(bs, len(split)), bs)
-                        cap.reuse = buf
-                        dec = _ProbeDecoder(what, split_name, buf, len(split),
-                                            labels[split_name] if neurons else None, n_classes, count=neurons)
-                        for i in range(0, len(split), bs):
+                        dec = self._probe_decoders.get(split_name)
+                        if dec is None:  # its buffer holds one chunk's rows, reused chunk after chunk
+                            buf = cap.probe_masks(self._widths, min(bs, len(split)), bs)
+                            dec = self._probe_decoders[split_name] = _ProbeDecoder(
+                                split_name, buf, len(split), bs, labels[split_name], n_classes)
+                        cap.reuse = dec.buf
+                        dec.begin(bits=patterns, counts=neurons)
+                        for k, i in enumerate(range(0, len(split), bs)):
                             self.probe_forward(pl_module, split.inputs[i : i + bs])
                             taken = cap.take()
                             cap.enabled = True
@@ -572,7 +573,7 @@ class PatternRecorder(Callback):
                                         f"step {step} (once per forward at setup); the recorded layers must run once "
                                         "in every forward")
                             # decode the chunk now, while its masks are still in this core's cache
-                            dec.add(i, min(bs, len(split) - i))
+                            dec.add(k, i, min(bs, len(split) - i))
                         decoded_items += dec.items()
                         continue
                     chunks = self._onehots[split_name]
@@ -810,15 +811,31 @@ def _accumulation(trainer: Trainer) -> int:
     return int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
 
 
-def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
-    """The 2-norm of all gradients of ``params`` (``None`` without any), before clipping."""
+def _grad_norms(params: list[nn.Parameter]) -> list[torch.Tensor] | None:
+    """The 2-norm of each gradient of ``params`` (``None`` without any), before clipping.
+
+    On CPU the writer thread combines them (:func:`_total_norm_of`): on the training
+    thread, between steps, the two more dispatches cost about 50 us with cold caches.
+    """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+    return torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+
+
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
+    """The 2-norm of all gradients of ``params`` as one tensor on their device (accelerators)."""
+    norms = _grad_norms(params)
+    if norms is None:
+        return None
     if any(n.dtype != torch.float32 for n in norms):
         norms = [n.float() for n in norms]
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _total_norm_of(norms: list[torch.Tensor] | None) -> float:
+    """The 2-norm of per-gradient norms (CPU tensors), in float64; NaN for ``None``."""
+    return math.nan if norms is None else math.sqrt(sum(float(n) ** 2 for n in norms))
 
 
 def _loss_of(outputs: Any) -> torch.Tensor:
@@ -1010,29 +1027,34 @@ class _ProbeDecoder:
 
     The CPU probe forward's hooks write each chunk's masks, every layer side by side,
     into the split's :class:`ProbeMasks` (one chunk's rows); :meth:`add` packs and counts
-    them right after that chunk's forward, while they are still in the core's cache. One
-    ``numpy.packbits`` packs all layers (each layer's columns start at a multiple of 8, so
-    its bits are whole bytes of the packed rows) and one :func:`_class_counts` counts them.
-    (Decoding the whole split after its last forward read the masks back from memory:
-    0.22 of the 0.37 ms of decode per probe step in the benchmark fit.)
+    them right after that chunk's forward. One ``numpy.packbits`` packs all layers (each
+    layer's columns start at a multiple of 8, so its bits are whole bytes of the packed
+    rows) and one :func:`_class_counts` counts them, with the class blocks of each chunk
+    planned once from the split's labels (:func:`_count_plan`): on the training thread,
+    between training steps, every numpy call pays for cold caches.
+    Kept for the run, one per split; :meth:`begin` starts a probe step.
     """
 
-    def __init__(
-        self, what: str, split: str, buf: ProbeMasks, n: int, labels: np.ndarray | None, n_classes: int, *, count: bool
-    ) -> None:
-        self.split, self.layers = split, buf.layers
+    def __init__(self, split: str, buf: ProbeMasks, n: int, chunk: int, labels: np.ndarray | None, n_classes: int) -> None:
+        self.split, self.buf, self.layers, self.n = split, buf, buf.layers, n
         self.masks = buf.masks.numpy()
-        total = self.masks.shape[1]
-        self.labels, self.n_classes = labels, n_classes
-        self.counts = np.zeros((n_classes if labels is not None and n_classes else 1, total), np.int32) if count else None
-        self.packed = np.empty((n, total // 8), np.uint8) if what == "bits" else None
+        self.n_classes = n_classes if labels is not None and n_classes else 0
+        self.plans = [_count_plan(labels[r0 : r0 + chunk] if self.n_classes else None, self.n_classes, min(chunk, n - r0))
+                      for r0 in range(0, n, chunk)]
+        self.counts: np.ndarray | None = None
+        self.packed: np.ndarray | None = None
 
-    def add(self, r0: int, n: int) -> None:
-        """Decode rows ``r0 .. r0 + n`` of the split, held in the buffer's first ``n`` rows."""
+    def begin(self, *, bits: bool, counts: bool) -> None:
+        """Start a probe step: fresh output arrays (the previous step's went to the writer)."""
+        total = self.masks.shape[1]
+        self.counts = np.zeros((max(self.n_classes, 1), total), np.int32) if counts else None
+        self.packed = np.empty((self.n, total // 8), np.uint8) if bits else None
+
+    def add(self, k: int, r0: int, n: int) -> None:
+        """Decode chunk ``k``: rows ``r0 .. r0 + n`` of the split, held in the buffer's first ``n`` rows."""
         rows = self.masks[:n]
         if self.counts is not None:
-            labels = self.labels[r0 : r0 + n] if self.labels is not None else None
-            _class_counts(rows, labels, self.n_classes, out=self.counts)
+            _class_counts(rows, None, self.n_classes, out=self.counts, plan=self.plans[k])
         if self.packed is not None:
             self.packed[r0 : r0 + n] = np.packbits(rows, axis=1, bitorder="big")
 
@@ -1044,41 +1066,31 @@ class _ProbeDecoder:
         if self.packed is not None:
             out += [("bits", self.split, layer, np.ascontiguousarray(self.packed[:, off // 8 : off // 8 + (w + 7) // 8]))
                     for layer, off, w in self.layers]
+        self.counts = self.packed = None
         return out
 
 
-def _class_counts(
-    rows: np.ndarray, labels: np.ndarray | None, n_classes: int, out: np.ndarray | None = None
-) -> np.ndarray:
-    """``counts[c, j]`` = rows of class c with neuron j active, from 0/1 rows ``[n, w]`` (bool or uint8).
+class _CountPlan(NamedTuple):
+    """How :func:`_class_counts` walks rows with given labels (see :func:`_count_plan`)."""
 
-    One row of totals without labels. With ``out`` (int32 ``[C, w]``) the counts are
-    added to it and it is returned. The probe shards are ordered by label
-    (:meth:`Probe.shard`), so each class is a contiguous block of rows (other orders
-    are sorted first). When ``w`` is a multiple of 8 the rows are read as uint64 words,
-    8 neurons each, and a block of up to 255 rows is summed word-wise (SWAR): each byte
-    lane holds one neuron's count, with no carry between lanes since no count exceeds
-    255. No BLAS call (a matmul would wake numpy's BLAS threads on the cores the training
-    step needs).
-    """
-    u8 = rows.view(np.uint8)
-    n, w = u8.shape
+    order: np.ndarray | None  # rows in label order (None: already sorted)
+    n_classes: int  # 1 without labels (one row of totals)
+    ends: list[int]  # end row of each class, in label order
+    block_start: list[int]  # blocks of at most 255 rows of one class
+    block_end: list[int]
+    block_class: np.ndarray
+    unique: bool  # one block per class at most
+
+
+def _count_plan(labels: np.ndarray | None, n_classes: int, n: int) -> _CountPlan:
+    """The class blocks of ``n`` rows with ``labels`` (``None`` or ``n_classes == 0``: no classes)."""
+    order = None
     if not (n_classes and labels is not None):
         labels, n_classes = np.zeros(n, np.int64), 1
     elif n > 1 and bool((labels[1:] < labels[:-1]).any()):
         order = np.argsort(labels, kind="stable")
-        u8, labels = u8[order], labels[order]
+        labels = labels[order]
     ends = np.cumsum(np.bincount(labels, minlength=n_classes)).tolist()
-    counts = np.zeros((n_classes, w), dtype=np.int32) if out is None else out
-    if n == 0:
-        return counts
-    if w % 8 or sys.byteorder != "little" or not u8.flags.c_contiguous:
-        start = 0
-        for c, end in enumerate(ends):
-            if end > start:
-                counts[c] += np.add.reduce(u8[start:end], axis=0, dtype=np.int32)
-            start = end
-        return counts
     block_start: list[int] = []
     block_end: list[int] = []
     block_class: list[int] = []
@@ -1089,15 +1101,50 @@ def _class_counts(
             block_end.append(min(b + 255, end))
             block_class.append(c)
         start = end
+    return _CountPlan(order, n_classes, ends, block_start, block_end, np.array(block_class, np.intp),
+                      len(set(block_class)) == len(block_class))
+
+
+def _class_counts(
+    rows: np.ndarray, labels: np.ndarray | None, n_classes: int, out: np.ndarray | None = None,
+    plan: _CountPlan | None = None,
+) -> np.ndarray:
+    """``counts[c, j]`` = rows of class c with neuron j active, from 0/1 rows ``[n, w]`` (bool or uint8).
+
+    One row of totals without labels. With ``out`` (int32 ``[C, w]``) the counts are
+    added to it and it is returned; ``plan`` (:func:`_count_plan` of the labels) stands
+    for ``labels``. Each class is a contiguous block of rows once sorted by label (the
+    probe shards are, :meth:`Probe.shard`). When ``w`` is a multiple of 8 the rows are
+    read as uint64 words, 8 neurons each, and a block of up to 255 rows is summed
+    word-wise (SWAR): each byte lane holds one neuron's count, with no carry between
+    lanes since no count exceeds 255. No BLAS call (a matmul would wake numpy's BLAS
+    threads on the cores the training step needs).
+    """
+    u8 = rows.view(np.uint8)
+    n, w = u8.shape
+    if plan is None:
+        plan = _count_plan(labels, n_classes, n)
+    if plan.order is not None:
+        u8 = u8[plan.order]
+    counts = np.zeros((plan.n_classes, w), dtype=np.int32) if out is None else out
+    if n == 0:
+        return counts
+    if w % 8 or sys.byteorder != "little" or not u8.flags.c_contiguous:
+        start = 0
+        for c, end in enumerate(plan.ends):
+            if end > start:
+                counts[c] += np.add.reduce(u8[start:end], axis=0, dtype=np.int32)
+            start = end
+        return counts
     words = u8.view(np.uint64)
-    sums = np.empty((len(block_start), words.shape[1]), dtype=np.uint64)
-    for i, (b0, b1) in enumerate(zip(block_start, block_end)):
+    sums = np.empty((len(plan.block_start), words.shape[1]), dtype=np.uint64)
+    for i, (b0, b1) in enumerate(zip(plan.block_start, plan.block_end)):
         np.add.reduce(words[b0:b1], axis=0, out=sums[i])  # faster than one reduceat over axis 0
     lanes = sums.view(np.uint8)  # [blocks, w]: byte k of word q is neuron 8q + k
-    if len(set(block_class)) == len(block_class):
-        counts[block_class] += lanes
+    if plan.unique:
+        counts[plan.block_class] += lanes
     else:
-        np.add.at(counts, block_class, lanes)
+        np.add.at(counts, plan.block_class, lanes)
     return counts
 
 
@@ -1136,7 +1183,7 @@ def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
     """Writer-thread side of the batch-source steps of one hand-off.
 
     Each record is a CPU record ``(step, ids, bits, scalars, meta)`` (``bits`` maps a
-    layer to its bool masks, ``scalars`` is ``(loss, grad_norm or None)``, all tensors)
+    layer to its bool masks, ``scalars`` is ``(loss, per-gradient norms or None)``, tensors)
     or a :class:`_HostRecord` (accelerators). Per layer, the rows of all the hand-off's
     steps become one :class:`PatternChunk` (a ``step`` per row): one packing call and a
     handful of Python objects per layer and hand-off, whatever the number of steps.
@@ -1160,8 +1207,8 @@ def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
                     by_layer.setdefault(layer, []).append((step, ids, masks))
             scalars = None
             if scalars_t is not None:
-                loss_t, gn_t = scalars_t
-                scalars = (float(loss_t), math.nan if gn_t is None else float(gn_t))
+                loss_t, norms = scalars_t
+                scalars = (float(loss_t), _total_norm_of(norms))
         if meta is not None and scalars is not None:
             steps.append({**meta, "loss": float(scalars[0]), "grad_norm": float(scalars[1])})
     patterns: list[PatternChunk] = []

@@ -158,7 +158,8 @@ class ProbeMasks:
     pass packs all layers and one pass counts them per class. Each layer's columns
     start at a multiple of 8 (padding columns stay zero), so its packed bits are a
     byte-aligned slice and the whole row is a whole number of uint64 words.
-    The buffer is kept across probe steps (decoded before the next one writes it).
+    The buffer holds one chunk's rows and is reused chunk after chunk, probe step after
+    probe step (each chunk is decoded right after its forward).
 
     >>> cap = ProbeMasks({0: [("a", 3)], 1: [("b", 9)]}, rows=2, chunk=2)
     >>> [(name, off, w) for name, off, w in cap.layers], tuple(cap.masks.shape)
@@ -178,9 +179,20 @@ class ProbeMasks:
                 total += -(-width // 8) * 8
         self.rows = rows
         self.masks = torch.zeros((rows, total), dtype=torch.bool)
+        self._views: dict[tuple[int, int, torch.Size], torch.Tensor] = {}
 
     def view(self, i: int, j: int, like: torch.Tensor) -> torch.Tensor:
-        """The block for call ``j`` of slot ``i`` (over the chunks' forwards), shaped like ``like``."""
+        """The block for call ``j`` of slot ``i`` (over the chunks' forwards), shaped like ``like``.
+
+        Views are kept by ``(i, j, shape)``: a probe forward asks for the same ones every time.
+        """
+        key = (i, j, like.shape)
+        out = self._views.get(key)
+        if out is None:
+            out = self._views[key] = self._view(i, j, like)
+        return out
+
+    def _view(self, i: int, j: int, like: torch.Tensor) -> torch.Tensor:
         per_call = self._slots[i]
         k = len(per_call)
         off, width = per_call[j % k]

@@ -120,28 +120,31 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count():
     buf = cap.probe_masks(widths, chunk, chunk)  # one chunk's rows
     assert [off % 8 for _, off, _ in buf.layers] == [0, 0, 0, 0]
     labels = np.sort(np.random.default_rng(0).integers(0, 4, n))
+    dec = _ProbeDecoder("train", buf, n, chunk, labels, 4)
+    totals = _ProbeDecoder("train", buf, n, chunk, None, 0)  # no labels: one row of totals
     for trial in range(2):  # the second probe step reuses the buffer (its padding must still be zero)
         x = torch.randn(n, 1, 4, 4) * (1 + trial)
         cap.reuse = buf
-        dec = _ProbeDecoder("bits", "train", buf, n, labels, 4, count=True)
-        totals = _ProbeDecoder("nbits", "train", buf, n, None, 0, count=True)  # counts only, no labels
+        dec.begin(bits=True, counts=True)
+        totals.begin(bits=False, counts=True)
         cap.start_batch()
         with torch.no_grad():
-            for i in range(0, n, chunk):  # chunks of 10, 10 and 3 rows (the last leaves stale rows behind)
+            for k, i in enumerate(range(0, n, chunk)):  # chunks of 10, 10 and 3 rows (the last leaves stale rows behind)
                 net(x[i : i + chunk])
                 taken = cap.take()
                 cap.enabled = True
                 assert {k: len(v) for k, v in taken.items()} == {layer: 1 for layer in widths}
-                dec.add(i, min(chunk, n - i))
-                totals.add(i, min(chunk, n - i))
+                dec.add(k, i, min(chunk, n - i))
+                totals.add(k, i, min(chunk, n - i))
         cap.enabled = False
         cap.reuse = None
         ref = _reference_masks(net, x)
         items = dec.items()
         bits = {layer: a for what, _, layer, a in items if what == "bits"}
         counts = {layer: a for what, _, layer, a in items if what == "counts"}
-        assert {what for what, _, _, _ in totals.items()} == {"counts"}
-        total = {layer: a for _, _, layer, a in totals.items()}
+        total_items = totals.items()
+        assert {what for what, _, _, _ in total_items} == {"counts"}
+        total = {layer: a for _, _, layer, a in total_items}
         for layer, mask in ref.items():
             m = mask.numpy()
             np.testing.assert_array_equal(bits[layer], np.packbits(m, axis=1, bitorder="big"))
