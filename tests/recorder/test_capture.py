@@ -139,10 +139,10 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count():
         cap.enabled = False
         cap.reuse = None
         ref = _reference_masks(net, x)
-        items = dec.finish()()
+        items = dec.items()
         bits = {layer: a for what, _, layer, a in items if what == "bits"}
         counts = {layer: a for what, _, layer, a in items if what == "counts"}
-        total_items = totals.finish()()
+        total_items = totals.items()
         assert {what for what, _, _, _ in total_items} == {"counts"}
         total = {layer: a for _, _, layer, a in total_items}
         for layer, mask in ref.items():
