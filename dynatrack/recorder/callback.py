@@ -1027,48 +1027,65 @@ def _decode_probe(
 class _ProbeDecoder:
     """Bits and per-class counts of every layer of one probe split, decoded chunk by chunk.
 
-    The CPU probe forward's hooks write each chunk's masks, every layer side by side,
-    into the split's :class:`ProbeMasks` (one chunk's rows); :meth:`add` packs and counts
-    them right after that chunk's forward. One ``numpy.packbits`` packs all layers (each
-    layer's columns start at a multiple of 8, so its bits are whole bytes of the packed
-    rows) and one :func:`_class_counts` counts them, with the class blocks of each chunk
-    planned once from the split's labels (:func:`_count_plan`): on the training thread,
-    between training steps, every numpy call pays for cold caches.
+    The CPU probe forward's hooks write each chunk's masks into the split's
+    :class:`ProbeMasks` (one chunk's rows, layer after layer); :meth:`add` packs and
+    counts them right after that chunk's forward: one ``numpy.packbits`` of the whole
+    buffer packs every layer (each layer's packed rows are a contiguous block of the
+    result, handed over without a copy when the split is one chunk) and one
+    :func:`_class_counts` per layer counts it, with the class blocks of each chunk planned
+    once from the split's labels (:func:`_count_plan`): on the training thread, between
+    training steps, every numpy call pays for cold caches.
     Kept for the run, one per split; :meth:`begin` starts a probe step.
     """
 
     def __init__(self, split: str, buf: ProbeMasks, n: int, chunk: int, labels: np.ndarray | None, n_classes: int) -> None:
-        self.split, self.buf, self.layers, self.n = split, buf, buf.layers, n
-        self.masks = buf.masks.numpy()
+        self.split, self.buf, self.n, self.rows = split, buf, n, buf.rows
+        self.flat = buf.flat.numpy()
+        self.total = buf.total
+        # (layer, first column, width, padded width, its block bool[rows, wpad])
+        self.layers = [(layer, col, width, -(-width // 8) * 8, buf.block(li).numpy())
+                       for li, (layer, col, width) in enumerate(buf.layers)]
         self.n_classes = n_classes if labels is not None and n_classes else 0
         self.plans = [_count_plan(labels[r0 : r0 + chunk] if self.n_classes else None, self.n_classes, min(chunk, n - r0))
                       for r0 in range(0, n, chunk)]
+        self.one_chunk = n <= chunk
         self.counts: np.ndarray | None = None
-        self.packed: np.ndarray | None = None
+        self.bits: list[Any] | None = None
 
     def begin(self, *, bits: bool, counts: bool) -> None:
         """Start a probe step: fresh output arrays (the previous step's went to the writer)."""
-        total = self.masks.shape[1]
-        self.counts = np.zeros((max(self.n_classes, 1), total), np.int32) if counts else None
-        self.packed = np.empty((self.n, total // 8), np.uint8) if bits else None
+        self.counts = np.zeros((max(self.n_classes, 1), self.total), np.int32) if counts else None
+        self.bits = None
+        if bits:
+            self.bits = [None] * len(self.layers) if self.one_chunk else [
+                np.empty((self.n, wpad // 8), np.uint8) for _, _, _, wpad, _ in self.layers]
 
     def add(self, k: int, r0: int, n: int) -> None:
         """Decode chunk ``k``: rows ``r0 .. r0 + n`` of the split, held in the buffer's first ``n`` rows."""
-        rows = self.masks[:n]
         if self.counts is not None:
-            _class_counts(rows, None, self.n_classes, out=self.counts, plan=self.plans[k])
-        if self.packed is not None:
-            self.packed[r0 : r0 + n] = np.packbits(rows, axis=1, bitorder="big")
+            for _, col, _, wpad, block in self.layers:
+                _class_counts(block[:n], None, self.n_classes, out=self.counts[:, col : col + wpad], plan=self.plans[k])
+        if self.bits is not None:
+            rows = self.rows
+            packed = np.packbits(self.flat, bitorder="big") if n == rows else None  # every layer at once
+            for li, (_, col, _, wpad, block) in enumerate(self.layers):
+                if packed is not None:
+                    mine = packed[col * rows // 8 : (col + wpad) * rows // 8].reshape(rows, wpad // 8)
+                else:  # a last, shorter chunk
+                    mine = np.packbits(block[:n], axis=1, bitorder="big")
+                if self.one_chunk:
+                    self.bits[li] = mine  # a view of this step's own array: no copy
+                else:
+                    self.bits[li][r0 : r0 + n] = mine
 
     def items(self) -> list[tuple[str, str, str, np.ndarray]]:
-        """``("counts" | "bits", split, layer, array)`` per layer: new arrays (the buffer is reused)."""
+        """``("counts" | "bits", split, layer, array)`` per layer: this step's arrays (the buffer is reused)."""
         out: list[tuple[str, str, str, np.ndarray]] = []
         if self.counts is not None:
-            out += [("counts", self.split, layer, self.counts[:, off : off + w]) for layer, off, w in self.layers]
-        if self.packed is not None:
-            out += [("bits", self.split, layer, np.ascontiguousarray(self.packed[:, off // 8 : off // 8 + (w + 7) // 8]))
-                    for layer, off, w in self.layers]
-        self.counts = self.packed = None
+            out += [("counts", self.split, layer, self.counts[:, col : col + w]) for layer, col, w, _, _ in self.layers]
+        if self.bits is not None:
+            out += [("bits", self.split, layer, bits) for (layer, *_), bits in zip(self.layers, self.bits)]
+        self.counts = self.bits = None
         return out
 
 
@@ -1078,8 +1095,7 @@ class _CountPlan(NamedTuple):
     order: np.ndarray | None  # rows in label order (None: already sorted)
     n_classes: int  # 1 without labels (one row of totals)
     ends: list[int]  # end row of each class, in label order
-    block_start: list[int]  # blocks of at most 255 rows of one class
-    block_end: list[int]
+    block_start: np.ndarray  # blocks of at most 255 rows of one class, tiling the rows
     block_class: np.ndarray
     unique: bool  # one block per class at most
 
@@ -1094,16 +1110,14 @@ def _count_plan(labels: np.ndarray | None, n_classes: int, n: int) -> _CountPlan
         labels = labels[order]
     ends = np.cumsum(np.bincount(labels, minlength=n_classes)).tolist()
     block_start: list[int] = []
-    block_end: list[int] = []
     block_class: list[int] = []
     start = 0
     for c, end in enumerate(ends):
         for b in range(start, end, 255):
             block_start.append(b)
-            block_end.append(min(b + 255, end))
             block_class.append(c)
         start = end
-    return _CountPlan(order, n_classes, ends, block_start, block_end, np.array(block_class, np.intp),
+    return _CountPlan(order, n_classes, ends, np.array(block_start, np.intp), np.array(block_class, np.intp),
                       len(set(block_class)) == len(block_class))
 
 
@@ -1113,14 +1127,15 @@ def _class_counts(
 ) -> np.ndarray:
     """``counts[c, j]`` = rows of class c with neuron j active, from 0/1 rows ``[n, w]`` (bool or uint8).
 
-    One row of totals without labels. With ``out`` (int32 ``[C, w]``) the counts are
-    added to it and it is returned; ``plan`` (:func:`_count_plan` of the labels) stands
-    for ``labels``. Each class is a contiguous block of rows once sorted by label (the
-    probe shards are, :meth:`Probe.shard`). When ``w`` is a multiple of 8 the rows are
-    read as uint64 words, 8 neurons each, and a block of up to 255 rows is summed
-    word-wise (SWAR): each byte lane holds one neuron's count, with no carry between
-    lanes since no count exceeds 255. No BLAS call (a matmul would wake numpy's BLAS
-    threads on the cores the training step needs).
+    One row of totals without labels. With ``out`` (int32 ``[C, w]``, may be a view) the
+    counts are added to it and it is returned; ``plan`` (:func:`_count_plan` of the
+    labels) stands for ``labels``. Each class is a contiguous block of rows once sorted
+    by label (the probe shards are, :meth:`Probe.shard`). When ``w`` is a multiple of 8
+    the rows are read as uint64 words, 8 neurons each, and each block of up to 255 rows
+    is summed word-wise (SWAR, one ``numpy.add.reduceat`` for all blocks): each byte
+    lane holds one neuron's count, with no carry between lanes since no count exceeds
+    255. No BLAS call (a matmul would wake numpy's BLAS threads on the cores the training
+    step needs).
     """
     u8 = rows.view(np.uint8)
     n, w = u8.shape
@@ -1138,10 +1153,7 @@ def _class_counts(
                 counts[c] += np.add.reduce(u8[start:end], axis=0, dtype=np.int32)
             start = end
         return counts
-    words = u8.view(np.uint64)
-    sums = np.empty((len(plan.block_start), words.shape[1]), dtype=np.uint64)
-    for i, (b0, b1) in enumerate(zip(plan.block_start, plan.block_end)):
-        np.add.reduce(words[b0:b1], axis=0, out=sums[i])  # faster than one reduceat over axis 0
+    sums = np.add.reduceat(u8.view(np.uint64), plan.block_start, axis=0)  # [blocks, w // 8]
     lanes = sums.view(np.uint8)  # [blocks, w]: byte k of word q is neuron 8q + k
     if plan.unique:
         counts[plan.block_class] += lanes

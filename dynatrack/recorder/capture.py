@@ -151,35 +151,47 @@ def materialize(masks: list[Any]) -> np.ndarray:
 
 
 class ProbeMasks:
-    """One probe split's bool masks, every recorded layer side by side: ``bool[n, total]`` (CPU probe steps).
+    """One probe chunk's bool masks of every recorded layer, layer after layer in one buffer (CPU probe steps).
 
-    The CPU probe forward's hooks write each call's mask straight into its block of
-    this buffer (rows of its chunk, columns of its layer), so after the forward one
-    pass packs all layers and one pass counts them per class. Each layer's columns
-    start at a multiple of 8 (padding columns stay zero), so its packed bits are a
-    byte-aligned slice and the whole row is a whole number of uint64 words.
-    The buffer holds one chunk's rows and is reused chunk after chunk, probe step after
-    probe step (each chunk is decoded right after its forward).
+    Layer ``l`` (``width`` neurons, padded to ``wpad``, a multiple of 8) is a contiguous
+    ``bool[rows, wpad]`` block of :attr:`flat`. The CPU probe forward's hooks write each
+    call's mask straight into its block (contiguous rows: the cheapest copy), so after
+    the forward one ``numpy.packbits`` of the whole buffer packs every layer, each
+    layer's packed rows a contiguous block of the result (padding bits stay zero), and
+    each layer's rows are whole uint64 words for the count (:func:`_class_counts`). The
+    buffer holds one chunk's rows and is reused chunk after chunk, probe step after probe
+    step (each chunk is decoded right after its forward).
+
+    ``layers`` lists ``(layer, col, width)``: ``col`` is the layer's first column when the
+    blocks stand side by side (a multiple of 8), its block starts at ``col * rows``.
 
     >>> cap = ProbeMasks({0: [("a", 3)], 1: [("b", 9)]}, rows=2, chunk=2)
-    >>> [(name, off, w) for name, off, w in cap.layers], tuple(cap.masks.shape)
-    ([('a', 0, 3), ('b', 8, 9)], (2, 24))
+    >>> cap.layers, cap.total, tuple(cap.flat.shape), tuple(cap.block(1).shape)
+    ([('a', 0, 3), ('b', 8, 9)], 24, (48,), (2, 16))
     """
 
     def __init__(self, slots: dict[int, list[tuple[str, int]]], rows: int, chunk: int) -> None:
         self.chunk = chunk
+        self.rows = rows
         self.layers: list[tuple[str, int, int]] = []  # (layer, first column, width), in forward order
-        self._slots: dict[int, list[tuple[int, int]]] = {}  # slot -> (first column, width) per call in a forward
+        self._slots: dict[int, list[int]] = {}  # slot -> index into layers, per call in a forward
         total = 0
         for i, calls in slots.items():
             self._slots[i] = []
             for name, width in calls:
+                self._slots[i].append(len(self.layers))
                 self.layers.append((name, total, width))
-                self._slots[i].append((total, width))
                 total += -(-width // 8) * 8
-        self.rows = rows
-        self.masks = torch.zeros((rows, total), dtype=torch.bool)
+        self.total = total
+        self.flat = torch.zeros(rows * total, dtype=torch.bool)
+        self._blocks = [self.block(li) for li in range(len(self.layers))]
         self._views: dict[tuple[int, int, torch.Size], torch.Tensor] = {}
+
+    def block(self, li: int) -> torch.Tensor:
+        """Layer ``li``'s block, ``bool[rows, wpad]`` (a view of :attr:`flat`)."""
+        _, col, width = self.layers[li]
+        wpad = -(-width // 8) * 8
+        return self.flat[col * self.rows : (col + wpad) * self.rows].view(self.rows, wpad)
 
     def view(self, i: int, j: int, like: torch.Tensor) -> torch.Tensor:
         """The block for call ``j`` of slot ``i`` (over the chunks' forwards), shaped like ``like``.
@@ -195,7 +207,8 @@ class ProbeMasks:
     def _view(self, i: int, j: int, like: torch.Tensor) -> torch.Tensor:
         per_call = self._slots[i]
         k = len(per_call)
-        off, width = per_call[j % k]
+        li = per_call[j % k]
+        width = self.layers[li][2]
         r0 = (j // k) * self.chunk
         n = like.shape[0]
         if r0 + n > self.rows or like.numel() != n * width:
@@ -204,7 +217,7 @@ class ProbeMasks:
                 f"expected {width} values per sample and at most {self.rows} samples (as traced at setup); "
                 "the recorded layers must have the same widths and calls in every probe forward"
             )
-        return self.masks[r0 : r0 + n, off : off + width].view(like.shape)
+        return self._blocks[li][r0 : r0 + n, :width].view(like.shape)
 
 
 class Capture:
