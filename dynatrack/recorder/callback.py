@@ -1012,8 +1012,8 @@ def _decode_probe(
             continue
         by_class = arr.T  # [width, C or 1] int32 (a view; the shard build copies)
         sign = out_sign if (out_sign is not None and layer == last_layer) else None
-        neurons.append(NeuronChunk(
-            step, layer, split, by_class.sum(axis=1, dtype=np.int64) if n_classes else by_class[:, 0],
+        neurons.append(NeuronChunk(  # with classes, ``active`` is summed on the writer thread
+            step, layer, split, None if n_classes else by_class[:, 0],
             by_class if n_classes else np.zeros((by_class.shape[0], 0), np.int32), len(ids[split]),
             None if sign is None else np.array(sign, np.int8)))
     out: dict[str, Any] = {}
@@ -1049,12 +1049,21 @@ class _ProbeDecoder:
         self.plans = [_count_plan(labels[r0 : r0 + chunk] if self.n_classes else None, self.n_classes, min(chunk, n - r0))
                       for r0 in range(0, n, chunk)]
         self.one_chunk = n <= chunk
-        self.counts: np.ndarray | None = None
+        # one chunk whose classes (or, without labels, all its rows) are one SWAR block each, in
+        # order: each layer's counts are the byte lanes of one reduceat, handed over as they are
+        plan = self.plans[0]
+        self.lanes_are_counts = self.one_chunk and sys.byteorder == "little" and plan.order is None and bool(
+            len(plan.block_class) == plan.n_classes and (plan.block_class == np.arange(plan.n_classes)).all())
+        self.words = [block.view(np.uint64) for *_, block in self.layers] if self.lanes_are_counts else []
+        self.counts: Any = None  # int32 [C, total], or with lanes_are_counts uint8 [C, wpad] per layer
         self.bits: list[Any] | None = None
 
     def begin(self, *, bits: bool, counts: bool) -> None:
         """Start a probe step: fresh output arrays (the previous step's went to the writer)."""
-        self.counts = np.zeros((max(self.n_classes, 1), self.total), np.int32) if counts else None
+        self.counts = None
+        if counts:
+            self.counts = [None] * len(self.layers) if self.lanes_are_counts else np.zeros(
+                (max(self.n_classes, 1), self.total), np.int32)
         self.bits = None
         if bits:
             self.bits = [None] * len(self.layers) if self.one_chunk else [
@@ -1063,8 +1072,13 @@ class _ProbeDecoder:
     def add(self, k: int, r0: int, n: int) -> None:
         """Decode chunk ``k``: rows ``r0 .. r0 + n`` of the split, held in the buffer's first ``n`` rows."""
         if self.counts is not None:
-            for _, col, _, wpad, block in self.layers:
-                _class_counts(block[:n], None, self.n_classes, out=self.counts[:, col : col + wpad], plan=self.plans[k])
+            plan = self.plans[k]
+            if self.lanes_are_counts:  # the SWAR sums of _class_counts, without its bookkeeping
+                for li, words in enumerate(self.words):
+                    self.counts[li] = np.add.reduceat(words, plan.block_start, axis=0).view(np.uint8)
+            else:
+                for _, col, _, wpad, block in self.layers:
+                    _class_counts(block[:n], None, self.n_classes, out=self.counts[:, col : col + wpad], plan=plan)
         if self.bits is not None:
             rows = self.rows
             packed = np.packbits(self.flat, bitorder="big") if n == rows else None  # every layer at once
@@ -1081,7 +1095,9 @@ class _ProbeDecoder:
     def items(self) -> list[tuple[str, str, str, np.ndarray]]:
         """``("counts" | "bits", split, layer, array)`` per layer: this step's arrays (the buffer is reused)."""
         out: list[tuple[str, str, str, np.ndarray]] = []
-        if self.counts is not None:
+        if self.lanes_are_counts and self.counts is not None:
+            out += [("counts", self.split, layer, lanes[:, :w]) for (layer, _, w, _, _), lanes in zip(self.layers, self.counts)]
+        elif self.counts is not None:
             out += [("counts", self.split, layer, self.counts[:, col : col + w]) for layer, col, w, _, _ in self.layers]
         if self.bits is not None:
             out += [("bits", self.split, layer, bits) for (layer, *_), bits in zip(self.layers, self.bits)]

@@ -96,20 +96,21 @@ def patterns_table(chunks: list[PatternChunk], *, dictionary: bool = False) -> p
 class NeuronChunk:
     """Neuron counts of one (step, layer, split) on this rank.
 
-    ``by_class`` is int ``[width, C]`` (``C = 0`` without labels, then ``active`` is given),
-    ``out_sign`` int8 ``[width]`` or ``None``.
+    ``by_class`` is int ``[width, C]`` (``C = 0`` without labels, then ``active`` is given);
+    ``active`` may be ``None`` with labels: the sum over classes, computed when the
+    table is built (on the writer thread). ``out_sign`` int8 ``[width]`` or ``None``.
     """
 
     step: int
     layer: str
     split: str
-    active: np.ndarray
+    active: np.ndarray | None
     by_class: np.ndarray
     n_samples: int
     out_sign: np.ndarray | None
 
     def __len__(self) -> int:
-        return len(self.active)
+        return len(self.by_class)
 
 
 def neurons_table(chunks: list[NeuronChunk]) -> pa.Table:
@@ -117,7 +118,8 @@ def neurons_table(chunks: list[NeuronChunk]) -> pa.Table:
     from dynatrack.analysis.partitions import partition_labels
 
     counts = [len(c) for c in chunks]
-    active = np.concatenate([np.asarray(c.active, np.int64) for c in chunks])
+    active = np.concatenate([np.asarray(c.active, np.int64) if c.active is not None
+                             else c.by_class.sum(axis=1, dtype=np.int64) for c in chunks])
     n = np.repeat(np.array([c.n_samples for c in chunks], np.int64), counts)
     n_classes = {c.by_class.shape[1] for c in chunks}
     if len(n_classes) != 1:

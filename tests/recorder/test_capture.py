@@ -102,7 +102,8 @@ def _reference_masks(net, x):
     return {"act@0": (c > 0).flatten(1), "act@1": h1 > 0, "act@2": h2 > 0, "gate": g > 0}
 
 
-def test_probe_masks_decode_equals_packbits_and_a_naive_count():
+@pytest.mark.parametrize("chunk", [10, 23])  # three chunks (the last short), or one (counts are the SWAR lanes)
+def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk):
     # CPU probe steps: the hooks write every layer of a chunk into one buffer; after each chunk's
     # forward one pack and one count decode it
     from dynatrack.recorder.callback import _ProbeDecoder
@@ -116,12 +117,13 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count():
     assert calls == {"act": 3, "gate": 1} and widths == {"act@0": 18, "act@1": 3, "act@2": 13, "gate": 9}
     cap = Capture(modules, calls)
     cap.pack_on_device = False
-    n, chunk = 23, 10
-    buf = cap.probe_masks(widths, chunk, chunk)  # one chunk's rows
+    n = 23
+    buf = cap.probe_masks(widths, min(chunk, n), chunk)  # one chunk's rows
     assert [off % 8 for _, off, _ in buf.layers] == [0, 0, 0, 0]
     labels = np.sort(np.random.default_rng(0).integers(0, 4, n))
     dec = _ProbeDecoder("train", buf, n, chunk, labels, 4)
     totals = _ProbeDecoder("train", buf, n, chunk, None, 0)  # no labels: one row of totals
+    assert set(labels) == {0, 1, 2, 3} and dec.lanes_are_counts == totals.lanes_are_counts == (chunk == n)
     for trial in range(2):  # the second probe step reuses the buffer (its padding must still be zero)
         x = torch.randn(n, 1, 4, 4) * (1 + trial)
         cap.reuse = buf
@@ -129,7 +131,7 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count():
         totals.begin(bits=False, counts=True)
         cap.start_batch()
         with torch.no_grad():
-            for k, i in enumerate(range(0, n, chunk)):  # chunks of 10, 10 and 3 rows (the last leaves stale rows behind)
+            for k, i in enumerate(range(0, n, chunk)):  # 10, 10 and 3 rows (the last leaves stale rows behind), or 23
                 net(x[i : i + chunk])
                 taken = cap.take()
                 cap.enabled = True
