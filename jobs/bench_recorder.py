@@ -412,6 +412,11 @@ def _window_starts(seg: Segment, settle: int, period: int) -> list[int]:
     return [k for k in range(settle, seg.length - period + 1) if (seg.start + k) % period == 0]
 
 
+def _window_means(starts: list[float], seg: Segment, settle: int, period: int) -> list[float]:
+    """Mean step time of each ``period``-step window of ``seg`` that starts at a recorded step, after ``settle``."""
+    return [(starts[seg.start + k + period] - starts[seg.start + k]) / period for k in _window_starts(seg, settle, period)]
+
+
 def segment_samples(
     starts: list[float], segments: list[Segment], arm: str, *, settle: int, period: int
 ) -> list[list[float]]:
@@ -423,11 +428,10 @@ def segment_samples(
     """
     out = []
     for seg in _kept_segments(starts, segments, arm):
-        times = [starts[i + 1] - starts[i] for i in range(seg.start, seg.start + seg.length)]
         if period == 1:
-            out.append(times[settle:])
+            out.append([starts[i + 1] - starts[i] for i in range(seg.start + settle, seg.start + seg.length)])
         else:
-            out.append([sum(times[k : k + period]) / period for k in _window_starts(seg, settle, period)])
+            out.append(_window_means(starts, seg, settle, period))
     return [x for x in out if x]
 
 
@@ -449,22 +453,24 @@ def position_medians(
     return [statistics.median(v) if v else math.nan for v in by_pos]
 
 
+PAIRED_HOW = ("per measured cycle with a segment of each of with, probe_forward and without: d = (median window(with) "
+              "- median window(probe_forward)) / median window(without); ratio_minus_probe_cost_paired = 1 + median(d)")
+
+
 def paired_by_cycle(
     starts: list[float], segments: list[Segment], *, settle: int, period: int
 ) -> dict[str, Any]:
     """Probe excess per cycle, from the three arms' segments of that cycle (adjacent in time).
 
-    Per measured cycle with a segment of each of ``with``, ``probe_forward`` and ``without``:
-    ``d = (median window(with) - median window(probe_forward)) / median window(without)``.
-    Reported: ``1 + median(d)`` over the cycles, and the quartiles of ``d``. A drift of the
-    machine's speed over seconds or minutes moves all three segments of a cycle alike, so it
-    cancels in ``d``, where the pooled medians of the headline only average it out.
+    See :data:`PAIRED_HOW`. Reported: ``1 + median(d)`` over the cycles, and the quartiles
+    of ``d``. A drift of the machine's speed over seconds or minutes moves all three
+    segments of a cycle alike, so it cancels in ``d``, where the pooled medians of the
+    headline only average it out.
     """
     by_cycle: dict[int, dict[str, float]] = {}
     for arm in ("with", "probe_forward", "without"):
         for seg in _kept_segments(starts, segments, arm):
-            windows = [sum(starts[seg.start + k + j + 1] - starts[seg.start + k + j] for j in range(period)) / period
-                       for k in _window_starts(seg, settle, period)]
+            windows = _window_means(starts, seg, settle, period)
             if windows:
                 by_cycle.setdefault(seg.cycle, {})[arm] = statistics.median(windows)
     d = [(c["with"] - c["probe_forward"]) / c["without"] for c in by_cycle.values() if len(c) == 3]
@@ -597,7 +603,7 @@ def measure(cfg: Config, plan: "Plan", seed: int, arms: Sequence[str] | None = N
             "ratio_minus_probe_cost_by_position": round(1 + (sums["with"] - sums["probe_forward"]) / sums["without"], 4),
         }
         out["paired_by_cycle"] = {
-            "how": paired_by_cycle.__doc__.split("\n\n")[1].split("Reported")[0].strip().replace("\n    ", " "),
+            "how": PAIRED_HOW,
             **paired_by_cycle(driver.starts, segments, settle=settle, period=period),
         }
         out["target"] = f"ratio_minus_probe_cost <= {1 + TARGET_PROBE_EXCESS}"

@@ -68,7 +68,6 @@ from dynatrack.store.writer import ShardWriter
 log = logging.getLogger(__name__)
 
 
-
 class RecorderError(ValueError):
     """The recorder cannot run as configured."""
 
@@ -556,9 +555,9 @@ class PatternRecorder(Callback):
                     if masks_path:
                         dec = self._probe_decoders.get(split_name)
                         if dec is None:  # its buffer holds one chunk's rows, reused chunk after chunk
-                            buf = cap.probe_masks(self._widths, min(bs, len(split)), bs)
+                            buf = cap.probe_masks(self._widths, min(bs, len(split)))
                             dec = self._probe_decoders[split_name] = _ProbeDecoder(
-                                split_name, buf, len(split), bs, labels[split_name], n_classes)
+                                split_name, buf, len(split), labels[split_name], n_classes)
                         cap.reuse = dec.buf
                         dec.begin(bits=patterns, counts=neurons)
                         for k, i in enumerate(range(0, len(split), bs)):
@@ -1038,47 +1037,35 @@ class _ProbeDecoder:
     Kept for the run, one per split; :meth:`begin` starts a probe step.
     """
 
-    def __init__(self, split: str, buf: ProbeMasks, n: int, chunk: int, labels: np.ndarray | None, n_classes: int) -> None:
+    def __init__(self, split: str, buf: ProbeMasks, n: int, labels: np.ndarray | None, n_classes: int) -> None:
         self.split, self.buf, self.n, self.rows = split, buf, n, buf.rows
         self.flat = buf.flat.numpy()
-        self.total = buf.total
         # (layer, first column, width, padded width, its block bool[rows, wpad])
         self.layers = [(layer, col, width, -(-width // 8) * 8, buf.block(li).numpy())
                        for li, (layer, col, width) in enumerate(buf.layers)]
         self.n_classes = n_classes if labels is not None and n_classes else 0
+        chunk = buf.rows
         self.plans = [_count_plan(labels[r0 : r0 + chunk] if self.n_classes else None, self.n_classes, min(chunk, n - r0))
                       for r0 in range(0, n, chunk)]
         self.one_chunk = n <= chunk
-        # one chunk whose classes (or, without labels, all its rows) are one SWAR block each, in
-        # order: each layer's counts are the byte lanes of one reduceat, handed over as they are
-        plan = self.plans[0]
-        self.lanes_are_counts = self.one_chunk and sys.byteorder == "little" and plan.order is None and bool(
-            len(plan.block_class) == plan.n_classes and (plan.block_class == np.arange(plan.n_classes)).all())
-        self.words = [block.view(np.uint64) for *_, block in self.layers] if self.lanes_are_counts else []
-        self.counts: Any = None  # int32 [C, total], or with lanes_are_counts uint8 [C, wpad] per layer
-        self.bits: list[Any] | None = None
+        self.counts: list[Any] | None = None  # per layer: [C, wpad] counts of this step
+        self.bits: list[Any] | None = None  # per layer: [n, wpad // 8] packed rows of this step
 
     def begin(self, *, bits: bool, counts: bool) -> None:
         """Start a probe step: fresh output arrays (the previous step's went to the writer)."""
-        self.counts = None
-        if counts:
-            self.counts = [None] * len(self.layers) if self.lanes_are_counts else np.zeros(
-                (max(self.n_classes, 1), self.total), np.int32)
-        self.bits = None
+        self.counts = self.bits = None
+        if counts:  # one chunk: _class_counts' own result; several: summed into int32 arrays
+            self.counts = [None if self.one_chunk else np.zeros((max(self.n_classes, 1), wpad), np.int32)
+                           for _, _, _, wpad, _ in self.layers]
         if bits:
-            self.bits = [None] * len(self.layers) if self.one_chunk else [
-                np.empty((self.n, wpad // 8), np.uint8) for _, _, _, wpad, _ in self.layers]
+            self.bits = [None if self.one_chunk else np.empty((self.n, wpad // 8), np.uint8)
+                         for _, _, _, wpad, _ in self.layers]
 
     def add(self, k: int, r0: int, n: int) -> None:
         """Decode chunk ``k``: rows ``r0 .. r0 + n`` of the split, held in the buffer's first ``n`` rows."""
         if self.counts is not None:
-            plan = self.plans[k]
-            if self.lanes_are_counts:  # the SWAR sums of _class_counts, without its bookkeeping
-                for li, words in enumerate(self.words):
-                    self.counts[li] = np.add.reduceat(words, plan.block_start, axis=0).view(np.uint8)
-            else:
-                for _, col, _, wpad, block in self.layers:
-                    _class_counts(block[:n], None, self.n_classes, out=self.counts[:, col : col + wpad], plan=plan)
+            for li, (*_, block) in enumerate(self.layers):
+                self.counts[li] = _class_counts(block[:n], None, self.n_classes, out=self.counts[li], plan=self.plans[k])
         if self.bits is not None:
             rows = self.rows
             packed = np.packbits(self.flat, bitorder="big") if n == rows else None  # every layer at once
@@ -1095,10 +1082,8 @@ class _ProbeDecoder:
     def items(self) -> list[tuple[str, str, str, np.ndarray]]:
         """``("counts" | "bits", split, layer, array)`` per layer: this step's arrays (the buffer is reused)."""
         out: list[tuple[str, str, str, np.ndarray]] = []
-        if self.lanes_are_counts and self.counts is not None:
-            out += [("counts", self.split, layer, lanes[:, :w]) for (layer, _, w, _, _), lanes in zip(self.layers, self.counts)]
-        elif self.counts is not None:
-            out += [("counts", self.split, layer, self.counts[:, col : col + w]) for layer, col, w, _, _ in self.layers]
+        if self.counts is not None:
+            out += [("counts", self.split, layer, counts[:, :w]) for (layer, _, w, _, _), counts in zip(self.layers, self.counts)]
         if self.bits is not None:
             out += [("bits", self.split, layer, bits) for (layer, *_), bits in zip(self.layers, self.bits)]
         self.counts = self.bits = None
@@ -1114,6 +1099,7 @@ class _CountPlan(NamedTuple):
     block_start: np.ndarray  # blocks of at most 255 rows of one class, tiling the rows
     block_class: np.ndarray
     unique: bool  # one block per class at most
+    lanes_are_counts: bool  # sorted, and exactly one block per class: block c's byte lanes are class c's counts
 
 
 def _count_plan(labels: np.ndarray | None, n_classes: int, n: int) -> _CountPlan:
@@ -1133,8 +1119,9 @@ def _count_plan(labels: np.ndarray | None, n_classes: int, n: int) -> _CountPlan
             block_start.append(b)
             block_class.append(c)
         start = end
-    return _CountPlan(order, n_classes, ends, np.array(block_start, np.intp), np.array(block_class, np.intp),
-                      len(set(block_class)) == len(block_class))
+    unique = len(set(block_class)) == len(block_class)
+    return _CountPlan(order, n_classes, ends, np.array(block_start, np.intp), np.array(block_class, np.intp), unique,
+                      order is None and unique and len(block_class) == n_classes)
 
 
 def _class_counts(
@@ -1143,14 +1130,15 @@ def _class_counts(
 ) -> np.ndarray:
     """``counts[c, j]`` = rows of class c with neuron j active, from 0/1 rows ``[n, w]`` (bool or uint8).
 
-    One row of totals without labels. With ``out`` (int32 ``[C, w]``, may be a view) the
-    counts are added to it and it is returned; ``plan`` (:func:`_count_plan` of the
-    labels) stands for ``labels``. Each class is a contiguous block of rows once sorted
-    by label (the probe shards are, :meth:`Probe.shard`). When ``w`` is a multiple of 8
-    the rows are read as uint64 words, 8 neurons each, and each block of up to 255 rows
-    is summed word-wise (SWAR, one ``numpy.add.reduceat`` for all blocks): each byte
-    lane holds one neuron's count, with no carry between lanes since no count exceeds
-    255. No BLAS call (a matmul would wake numpy's BLAS threads on the cores the training
+    One row of totals without labels. With ``out`` (int32 ``[C, w]``) the counts are
+    added to it and it is returned; ``plan`` (:func:`_count_plan` of the labels) stands
+    for ``labels``. Each class is a contiguous block of rows once sorted by label (the
+    probe shards are, :meth:`Probe.shard`). When ``w`` is a multiple of 8 the rows are
+    read as uint64 words, 8 neurons each, and each block of up to 255 rows is summed
+    word-wise (SWAR, one ``numpy.add.reduceat`` for all blocks): each byte lane holds one
+    neuron's count, with no carry between lanes since no count exceeds 255. Without
+    ``out``, when every class is one block, the lanes are returned as they are (uint8).
+    No BLAS call (a matmul would wake numpy's BLAS threads on the cores the training
     step needs).
     """
     u8 = rows.view(np.uint8)
@@ -1159,10 +1147,13 @@ def _class_counts(
         plan = _count_plan(labels, n_classes, n)
     if plan.order is not None:
         u8 = u8[plan.order]
+    swar = n > 0 and w % 8 == 0 and sys.byteorder == "little" and u8.flags.c_contiguous
+    if swar and out is None and plan.lanes_are_counts:
+        return np.add.reduceat(u8.view(np.uint64), plan.block_start, axis=0).view(np.uint8)
     counts = np.zeros((plan.n_classes, w), dtype=np.int32) if out is None else out
     if n == 0:
         return counts
-    if w % 8 or sys.byteorder != "little" or not u8.flags.c_contiguous:
+    if not swar:
         start = 0
         for c, end in enumerate(plan.ends):
             if end > start:

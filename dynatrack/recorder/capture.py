@@ -165,13 +165,12 @@ class ProbeMasks:
     ``layers`` lists ``(layer, col, width)``: ``col`` is the layer's first column when the
     blocks stand side by side (a multiple of 8), its block starts at ``col * rows``.
 
-    >>> cap = ProbeMasks({0: [("a", 3)], 1: [("b", 9)]}, rows=2, chunk=2)
+    >>> cap = ProbeMasks({0: [("a", 3)], 1: [("b", 9)]}, rows=2)
     >>> cap.layers, cap.total, tuple(cap.flat.shape), tuple(cap.block(1).shape)
     ([('a', 0, 3), ('b', 8, 9)], 24, (48,), (2, 16))
     """
 
-    def __init__(self, slots: dict[int, list[tuple[str, int]]], rows: int, chunk: int) -> None:
-        self.chunk = chunk
+    def __init__(self, slots: dict[int, list[tuple[str, int]]], rows: int) -> None:
         self.rows = rows
         self.layers: list[tuple[str, int, int]] = []  # (layer, first column, width), in forward order
         self._slots: dict[int, list[int]] = {}  # slot -> index into layers, per call in a forward
@@ -194,7 +193,7 @@ class ProbeMasks:
         return self.flat[col * self.rows : (col + wpad) * self.rows].view(self.rows, wpad)
 
     def view(self, i: int, j: int, like: torch.Tensor) -> torch.Tensor:
-        """The block for call ``j`` of slot ``i`` (over the chunks' forwards), shaped like ``like``.
+        """The block for call ``j`` of slot ``i`` in one chunk's forward, shaped like ``like``.
 
         Views are kept by ``(i, j, shape)``: a probe forward asks for the same ones every time.
         """
@@ -206,18 +205,21 @@ class ProbeMasks:
 
     def _view(self, i: int, j: int, like: torch.Tensor) -> torch.Tensor:
         per_call = self._slots[i]
-        k = len(per_call)
-        li = per_call[j % k]
+        if j >= len(per_call):
+            raise ValueError(
+                f"recorded module #{i} was called more than {len(per_call)} times in one probe forward (as traced "
+                "at setup); the recorded layers must have the same widths and calls in every probe forward"
+            )
+        li = per_call[j]
         width = self.layers[li][2]
-        r0 = (j // k) * self.chunk
         n = like.shape[0]
-        if r0 + n > self.rows or like.numel() != n * width:
+        if n > self.rows or like.numel() != n * width:
             raise ValueError(
                 f"a probe forward gave a mask of shape {tuple(like.shape)} for call {j} of recorded module #{i}, "
                 f"expected {width} values per sample and at most {self.rows} samples (as traced at setup); "
                 "the recorded layers must have the same widths and calls in every probe forward"
             )
-        return self._blocks[li][r0 : r0 + n, :width].view(like.shape)
+        return self._blocks[li][:n, :width].view(like.shape)
 
 
 class Capture:
@@ -332,14 +334,14 @@ class Capture:
                     out.setdefault(f"{name}@{j % k}", []).append(item)
         return out
 
-    def probe_masks(self, widths: dict[str, int], rows: int, chunk: int) -> ProbeMasks:
-        """A :class:`ProbeMasks` buffer for a probe split of ``rows`` samples run in chunks of ``chunk``."""
+    def probe_masks(self, widths: dict[str, int], rows: int) -> ProbeMasks:
+        """A :class:`ProbeMasks` buffer for probe chunks of at most ``rows`` samples (taken after each chunk)."""
         slots = {}
         for i, (name, _) in enumerate(self.modules):
             k = self.calls.get(name, 1)
             layers = [name] if k == 1 else [f"{name}@{j}" for j in range(k)]
             slots[i] = [(layer, widths[layer]) for layer in layers]
-        return ProbeMasks(slots, rows, chunk)
+        return ProbeMasks(slots, rows)
 
     def _batch_hook(self, i: int, module: nn.Module) -> Callable[..., None]:
         """The training forward's hook for module ``i``: as little Python as possible.

@@ -88,6 +88,7 @@ def with_dictionary_strings(schema: pa.Schema) -> pa.Schema:
     return pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if pa.types.is_string(f.type) else f
                       for f in schema])
 
+
 SOURCES = ("probe", "batch")
 
 MANIFEST = "manifest.json"

@@ -118,12 +118,13 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk):
     cap = Capture(modules, calls)
     cap.pack_on_device = False
     n = 23
-    buf = cap.probe_masks(widths, min(chunk, n), chunk)  # one chunk's rows
+    buf = cap.probe_masks(widths, min(chunk, n))  # one chunk's rows
     assert [off % 8 for _, off, _ in buf.layers] == [0, 0, 0, 0]
     labels = np.sort(np.random.default_rng(0).integers(0, 4, n))
-    dec = _ProbeDecoder("train", buf, n, chunk, labels, 4)
-    totals = _ProbeDecoder("train", buf, n, chunk, None, 0)  # no labels: one row of totals
-    assert set(labels) == {0, 1, 2, 3} and dec.lanes_are_counts == totals.lanes_are_counts == (chunk == n)
+    dec = _ProbeDecoder("train", buf, n, labels, 4)
+    totals = _ProbeDecoder("train", buf, n, None, 0)  # no labels: one row of totals
+    assert set(labels) == {0, 1, 2, 3} and dec.one_chunk == totals.one_chunk == (chunk == n)
+    assert dec.plans[0].lanes_are_counts == (chunk == n) and totals.plans[0].lanes_are_counts
     for trial in range(2):  # the second probe step reuses the buffer (its padding must still be zero)
         x = torch.randn(n, 1, 4, 4) * (1 + trial)
         cap.reuse = buf
@@ -154,16 +155,20 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk):
             np.testing.assert_array_equal(counts[layer], np.array(naive))
             np.testing.assert_array_equal(total[layer], m.sum(axis=0, keepdims=True))
             assert bits[layer].flags.c_contiguous
+            # one chunk: the counts are _class_counts' SWAR lanes themselves (uint8), else int32 sums
+            assert counts[layer].dtype == (np.uint8 if chunk == n else np.int32)
     cap.detach()
 
 
 def test_probe_masks_reject_a_layer_whose_width_changed():
     from dynatrack.recorder.capture import ProbeMasks
 
-    buf = ProbeMasks({0: [("a", 8)]}, rows=4, chunk=4)
+    buf = ProbeMasks({0: [("a", 8)]}, rows=4)
     assert buf.view(0, 0, torch.zeros(4, 8)).shape == (4, 8)
     with pytest.raises(ValueError, match="expected 8 values per sample"):
         buf.view(0, 0, torch.zeros(4, 9))
     with pytest.raises(ValueError, match="at most 4 samples"):
-        buf.view(0, 1, torch.zeros(4, 8))  # a second forward of a full chunk: more rows than the split
+        buf.view(0, 0, torch.zeros(5, 8))  # a chunk larger than the buffer
+    with pytest.raises(ValueError, match="called more than 1 times in one probe forward"):
+        buf.view(0, 1, torch.zeros(4, 8))  # a second call within one chunk's forward
 
