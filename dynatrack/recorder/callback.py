@@ -65,6 +65,11 @@ from dynatrack.store.rows import NeuronChunk, PatternChunk
 from dynatrack.store.schema import MANIFEST, PROBE, PROBE_DIR
 from dynatrack.store.writer import ShardWriter
 
+try:  # the compiled pack-and-count kernel (optional: built at install when a C compiler is there)
+    from dynatrack.recorder import _pack as _pack_kernel
+except ImportError:  # pragma: no cover - depends on the install
+    _pack_kernel = None
+
 log = logging.getLogger(__name__)
 
 
@@ -540,6 +545,7 @@ class PatternRecorder(Callback):
         what = "bits" if patterns else "nbits"
         deferred: list[tuple[tuple[str, str, str], list[Any]]] = []  # CPU bool masks (probe hooks)
         decoded_items: list[tuple[str, str, str, np.ndarray]] = []  # the CPU path: bits and counts, decoded per chunk
+        in_flight: list[Any] = []  # the CPU path: the kernel's calls still running on its background thread
         ids, labels, n_classes, last_layer, widths = self._probe_meta
         was_attached = cap.batch_attached
         bs = self.probe_batch_size
@@ -574,6 +580,8 @@ class PatternRecorder(Callback):
                             # decode the chunk now, while its masks are still in this core's cache
                             dec.add(k, i, min(bs, len(split) - i))
                         decoded_items += dec.items()
+                        if dec.pending is not None:
+                            in_flight.append(dec.pending)
                         continue
                     chunks = self._onehots[split_name]
                     keep_bits = patterns or (neurons and not counts_on_device)
@@ -612,13 +620,14 @@ class PatternRecorder(Callback):
         host, event = _to_host(pieces) if pieces else (None, None)
         from_bits = neurons and not counts_on_device
         if not self._on_accelerator:
-            # CPU: packed and counted here, chunk by chunk right after each chunk's forward. On
-            # the writer thread the same numpy work would hand the GIL back and forth with this
+            # CPU: packed and counted chunk by chunk right after each chunk's forward (by the
+            # compiled kernel: for a one-chunk split on its own thread, which never takes the
+            # GIL). Numpy work on the writer thread would hand the GIL back and forth with this
             # thread at every call: the training step after the probe measured 0.5 ms slower.
             decoded = _decode_probe(host, event, layout, step, ids, n_classes, last_layer,
                                     labels=labels if from_bits else None, widths=widths, deferred=deferred,
                                     decoded=decoded_items)
-            self._pending.append(lambda: decoded)
+            self._pending.append(_when_done(in_flight, decoded))
             # what waits is now small (packed bits, counts): it joins the regular hand-offs
             self._pending_bytes += sum(c.bits.nbytes for c in decoded.get("patterns", ()))
             self._submit_if_due()
@@ -1028,12 +1037,16 @@ class _ProbeDecoder:
 
     The CPU probe forward's hooks write each chunk's masks into the split's
     :class:`ProbeMasks` (one chunk's rows, layer after layer); :meth:`add` packs and
-    counts them right after that chunk's forward: one ``numpy.packbits`` of the whole
-    buffer packs every layer (each layer's packed rows are a contiguous block of the
-    result, handed over without a copy when the split is one chunk) and one
-    :func:`_class_counts` per layer counts it, with the class blocks of each chunk planned
-    once from the split's labels (:func:`_count_plan`): on the training thread, between
-    training steps, every numpy call pays for cold caches.
+    counts them right after that chunk's forward. With the compiled kernel
+    (``dynatrack.recorder._pack``, built at install when a C compiler is there) one call
+    per layer reads each word of masks once, packs it and adds it to its class's counters.
+    Without it (or with labels not sorted by class) numpy does it: one ``numpy.packbits``
+    of the whole buffer packs every layer (each layer's packed rows are a contiguous block
+    of the result, handed over without a copy when the split is one chunk) and one
+    :func:`_class_counts` per layer counts it. Either way the class blocks of each chunk
+    are planned once from the split's labels (:func:`_count_plan`), and a probe step's
+    output arrays are two allocations: on the training thread, between training steps,
+    every call pays for cold caches.
     Kept for the run, one per split; :meth:`begin` starts a probe step.
     """
 
@@ -1048,24 +1061,42 @@ class _ProbeDecoder:
         self.plans = [_count_plan(labels[r0 : r0 + chunk] if self.n_classes else None, self.n_classes, min(chunk, n - r0))
                       for r0 in range(0, n, chunk)]
         self.one_chunk = n <= chunk
+        # the compiled kernel needs each chunk's rows sorted by class (probe shards are)
+        self.kernel = _pack_kernel if all(p.order is None for p in self.plans) else None
+        self.blocks = [(p.block_start.astype(np.int64), p.block_class.astype(np.int64)) for p in self.plans]
+        self.counts_shapes = [(max(self.n_classes, 1), wpad) for *_, wpad, _ in self.layers]
+        self.bits_shapes = [(n, wpad // 8) for *_, wpad, _ in self.layers]
         self.counts: list[Any] | None = None  # per layer: [C, wpad] counts of this step
         self.bits: list[Any] | None = None  # per layer: [n, wpad // 8] packed rows of this step
+        self.pending: Any = None  # the kernel's calls of this step on its background thread
 
     def begin(self, *, bits: bool, counts: bool) -> None:
         """Start a probe step: fresh output arrays (the previous step's went to the writer)."""
+        self.wait()  # the background calls of the previous step still read the buffer
         self.counts = self.bits = None
-        if counts:  # one chunk: _class_counts' own result; several: summed into int32 arrays
-            self.counts = [None if self.one_chunk else np.zeros((max(self.n_classes, 1), wpad), np.int32)
-                           for _, _, _, wpad, _ in self.layers]
+        if self.kernel is None and self.one_chunk:  # numpy's own results are kept as they are
+            self.counts = [None] * len(self.layers) if counts else None
+            self.bits = [None] * len(self.layers) if bits else None
+            return
+        if counts:  # int32 sums (the kernel zeroes them at the first chunk)
+            self.counts = _arrays(self.counts_shapes, np.int32, zero=self.kernel is None)
         if bits:
-            self.bits = [None if self.one_chunk else np.empty((self.n, wpad // 8), np.uint8)
-                         for _, _, _, wpad, _ in self.layers]
+            self.bits = _arrays(self.bits_shapes, np.uint8, zero=False)
 
     def add(self, k: int, r0: int, n: int) -> None:
         """Decode chunk ``k``: rows ``r0 .. r0 + n`` of the split, held in the buffer's first ``n`` rows."""
-        if self.counts is not None:
-            for li, (*_, block) in enumerate(self.layers):
-                self.counts[li] = _class_counts(block[:n], None, self.n_classes, out=self.counts[li], plan=self.plans[k])
+        if self.kernel is not None:  # one pass per layer: each word of masks read once, packed and counted
+            starts, classes = self.blocks[k]
+            calls = [(block[:n], n, wpad, starts, classes,
+                      None if self.bits is None else self.bits[li][r0 : r0 + n],
+                      None if self.counts is None else self.counts[li], k == 0)
+                     for li, (_, _, _, wpad, block) in enumerate(self.layers)]
+            if self.one_chunk:  # the buffer is not needed again before the next probe step: on another core
+                self.pending = self.kernel.submit(calls)
+            else:
+                for call in calls:
+                    self.kernel.pack_count(*call)
+            return
         if self.bits is not None:
             rows = self.rows
             packed = np.packbits(self.flat, bitorder="big") if n == rows else None  # every layer at once
@@ -1078,9 +1109,22 @@ class _ProbeDecoder:
                     self.bits[li] = mine  # a view of this step's own array: no copy
                 else:
                     self.bits[li][r0 : r0 + n] = mine
+        if self.counts is not None:
+            for li, (*_, block) in enumerate(self.layers):
+                self.counts[li] = _class_counts(block[:n], None, self.n_classes, out=self.counts[li], plan=self.plans[k])
+
+    def wait(self) -> None:
+        """Block until the kernel's background calls of this step are done (they usually are)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
 
     def items(self) -> list[tuple[str, str, str, np.ndarray]]:
-        """``("counts" | "bits", split, layer, array)`` per layer: this step's arrays (the buffer is reused)."""
+        """``("counts" | "bits", split, layer, array)`` per layer: this step's arrays (the buffer is reused).
+
+        With the kernel's background calls the arrays are filled once :attr:`pending` is done:
+        whoever reads them calls its ``wait()`` first (the writer thread, :func:`_when_done`).
+        """
         out: list[tuple[str, str, str, np.ndarray]] = []
         if self.counts is not None:
             out += [("counts", self.split, layer, counts[:, :w]) for (layer, _, w, _, _), counts in zip(self.layers, self.counts)]
@@ -1088,6 +1132,27 @@ class _ProbeDecoder:
             out += [("bits", self.split, layer, bits) for (layer, *_), bits in zip(self.layers, self.bits)]
         self.counts = self.bits = None
         return out
+
+
+def _when_done(in_flight: list[Any], decoded: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    """A writer job that hands over ``decoded`` once the kernel's background calls filling it are done."""
+
+    def job() -> dict[str, Any]:
+        for pending in in_flight:
+            pending.wait()
+        return decoded
+
+    return job
+
+
+def _arrays(shapes: list[tuple[int, int]], dtype: Any, *, zero: bool) -> list[np.ndarray]:
+    """Arrays of ``shapes``, each a contiguous part of one fresh allocation."""
+    flat = (np.zeros if zero else np.empty)(sum(r * c for r, c in shapes), dtype)
+    out, at = [], 0
+    for r, c in shapes:
+        out.append(flat[at : at + r * c].reshape(r, c))
+        at += r * c
+    return out
 
 
 class _CountPlan(NamedTuple):

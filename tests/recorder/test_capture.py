@@ -102,12 +102,19 @@ def _reference_masks(net, x):
     return {"act@0": (c > 0).flatten(1), "act@1": h1 > 0, "act@2": h2 > 0, "gate": g > 0}
 
 
+@pytest.mark.parametrize("path", ["kernel", "numpy"])  # the compiled pack-and-count kernel, or numpy only
 @pytest.mark.parametrize("chunk", [10, 23])  # three chunks (the last short), or one (counts are the SWAR lanes)
-def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk):
+def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk, path, monkeypatch):
     # CPU probe steps: the hooks write every layer of a chunk into one buffer; after each chunk's
     # forward one pack and one count decode it
+    from dynatrack.recorder import callback
     from dynatrack.recorder.callback import _ProbeDecoder
     from dynatrack.recorder.capture import Capture, trace_layers
+
+    if path == "numpy":
+        monkeypatch.setattr(callback, "_pack_kernel", None)
+    elif callback._pack_kernel is None:
+        pytest.skip("dynatrack.recorder._pack is not compiled in this install (no C compiler at install time)")
 
     torch.manual_seed(0)
     net = _Net()
@@ -123,6 +130,7 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk):
     labels = np.sort(np.random.default_rng(0).integers(0, 4, n))
     dec = _ProbeDecoder("train", buf, n, labels, 4)
     totals = _ProbeDecoder("train", buf, n, None, 0)  # no labels: one row of totals
+    assert (dec.kernel is not None) == (totals.kernel is not None) == (path == "kernel")
     assert set(labels) == {0, 1, 2, 3} and dec.one_chunk == totals.one_chunk == (chunk == n)
     assert dec.plans[0].lanes_are_counts == (chunk == n) and totals.plans[0].lanes_are_counts
     for trial in range(2):  # the second probe step reuses the buffer (its padding must still be zero)
@@ -155,9 +163,107 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk):
             np.testing.assert_array_equal(counts[layer], np.array(naive))
             np.testing.assert_array_equal(total[layer], m.sum(axis=0, keepdims=True))
             assert bits[layer].flags.c_contiguous
-            # one chunk: the counts are _class_counts' SWAR lanes themselves (uint8), else int32 sums
-            assert counts[layer].dtype == (np.uint8 if chunk == n else np.int32)
+            # numpy, one chunk: the counts are _class_counts' SWAR lanes themselves (uint8), else int32 sums
+            assert counts[layer].dtype == (np.uint8 if chunk == n and path == "numpy" else np.int32)
     cap.detach()
+
+
+def test_pack_kernel_equals_packbits_and_a_naive_count():
+    # the compiled kernel alone: widths past its 4,096-neuron counter window, classes split into
+    # several blocks (at most 255 rows each), a class with no rows
+    from dynatrack.recorder import callback
+
+    kernel = callback._pack_kernel
+    if kernel is None:
+        pytest.skip("dynatrack.recorder._pack is not compiled in this install (no C compiler at install time)")
+    rng = np.random.default_rng(1)
+    for rows, wpad, n_classes in [(1, 8, 1), (600, 16, 3), (37, 4104, 5), (300, 24, 4)]:
+        labels = np.sort(rng.choice([c for c in range(n_classes) if c != 1 or n_classes == 1], rows))
+        plan = callback._count_plan(labels, n_classes, rows)
+        masks = rng.random((rows, wpad)) < 0.3
+        bits = np.empty((rows, wpad // 8), np.uint8)
+        naive = np.zeros((n_classes, wpad), np.int64)
+        for r in range(rows):
+            for j in range(wpad):
+                naive[labels[r], j] += int(masks[r, j])
+        for zero in (False, True):  # added to what is there, or to zeros
+            counts = np.full((n_classes, wpad), 7, np.int32)
+            kernel.pack_count(masks, rows, wpad, plan.block_start.astype(np.int64),
+                              plan.block_class.astype(np.int64), bits, counts, zero)
+            np.testing.assert_array_equal(bits, np.packbits(masks, axis=1, bitorder="big"))
+            np.testing.assert_array_equal(counts, naive + (0 if zero else 7))
+    starts, classes = np.array([0], np.int64), np.array([0], np.int64)
+    masks = np.zeros((4, 8), bool)
+    with pytest.raises(ValueError, match="buffer sizes do not fit"):
+        kernel.pack_count(masks, 4, 16, starts, classes, None, None)
+    with pytest.raises(ValueError, match="at most 255 rows each"):
+        kernel.pack_count(np.zeros((256, 8), bool), 256, 8, starts, classes, None, None)
+    with pytest.raises(ValueError, match="counts must be int32"):
+        kernel.pack_count(masks, 4, 8, starts, np.array([2], np.int64), None, np.zeros((2, 8), np.int32))
+
+
+def test_pack_kernel_background_calls_equal_the_direct_ones():
+    # submit(): the same calls on the kernel's native thread (no GIL); the buffers stay held until
+    # wait(), a Pending freed unwaited waits first, and a forked child (a DataLoader worker) can
+    # still submit
+    import os
+
+    from dynatrack.recorder import callback
+
+    kernel = callback._pack_kernel
+    if kernel is None:
+        pytest.skip("dynatrack.recorder._pack is not compiled in this install (no C compiler at install time)")
+    rng = np.random.default_rng(2)
+    rows, wpad = 600, 40
+    labels = np.sort(rng.integers(0, 3, rows))
+    plan = callback._count_plan(labels, 3, rows)
+    starts, classes = plan.block_start.astype(np.int64), plan.block_class.astype(np.int64)
+
+    def calls():
+        masks = [rng.random((rows, wpad)) < 0.5 for _ in range(3)]
+        outs = [(np.empty((rows, wpad // 8), np.uint8), np.full((3, wpad), 9, np.int32)) for _ in masks]
+        return masks, outs, [(m, rows, wpad, starts, classes, b, c, True) for m, (b, c) in zip(masks, outs)]
+
+    def check(masks, outs):
+        for m, (b, c) in zip(masks, outs):
+            np.testing.assert_array_equal(b, np.packbits(m, axis=1, bitorder="big"))
+            np.testing.assert_array_equal(c, [[int(m[labels == k, j].sum()) for j in range(wpad)] for k in range(3)])
+
+    masks, outs, args = calls()
+    pending = kernel.submit(args)
+    pending.wait()
+    assert pending.done
+    pending.wait()  # idempotent
+    check(masks, outs)
+    many = [calls() for _ in range(20)]
+    handles = [kernel.submit(a) for _, _, a in many]
+    del handles  # freed unwaited: each waits for its calls first
+    for masks, outs, _ in many:
+        check(masks, outs)
+    with pytest.raises(ValueError, match="zero=True"):
+        kernel.submit([args[0][:7] + (False,)])  # added-to counts could not be redone after a fork
+    with pytest.raises(ValueError, match="buffer sizes do not fit"):
+        kernel.submit([(args[0][0], rows, wpad + 8) + args[0][3:]])
+    if not hasattr(os, "fork"):
+        return
+    masks, outs, args = calls()
+    before = kernel.submit(args)  # in flight at the fork
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the queued calls finishes, and new ones run
+        ok = 0
+        try:
+            before.wait()
+            check(masks, outs)
+            m2, o2, a2 = calls()
+            kernel.submit(a2).wait()
+            check(m2, o2)
+        except BaseException:  # noqa: BLE001 - reported by the exit status
+            ok = 1
+        os._exit(ok)
+    _, status = os.waitpid(pid, 0)
+    before.wait()
+    check(masks, outs)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_probe_masks_reject_a_layer_whose_width_changed():

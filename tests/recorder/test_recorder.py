@@ -333,15 +333,24 @@ def test_batch_rows_with_uneven_batches_many_steps_per_hand_off(tmp_path, data):
             assert_signs(np.stack([np.frombuffer(b, np.uint8) for b in rows.bits]), z)
 
 
-def test_probe_bits_and_counts_with_byte_aligned_widths_equal_splits_and_chunks(tmp_path):
+@pytest.mark.parametrize("path", ["kernel", "numpy"])  # the compiled pack-and-count kernel, or numpy only
+@pytest.mark.parametrize("probe_batch_size", [40, 1024])  # three chunks per split (the last short), or one
+def test_probe_bits_and_counts_with_byte_aligned_widths_equal_splits_and_chunks(tmp_path, monkeypatch, path,
+                                                                                probe_batch_size):
     # widths that are multiples of 8 take the joint decode (all layers side by side); two splits of
     # the same shape and several probe chunks per split share the reused mask buffers' shapes
+    from dynatrack.recorder import callback
+
+    if path == "numpy":
+        monkeypatch.setattr(callback, "_pack_kernel", None)
+    elif callback._pack_kernel is None:
+        pytest.skip("dynatrack.recorder._pack is not compiled in this install (no C compiler at install time)")
     x, y = make_data(96)
     test_x, test_y = make_data(96, seed=1)
     torch.manual_seed(0)
     model = TinyNet(hidden=(16, 24))
     rec = PatternRecorder(str(tmp_path / "runs"), run_name="r", probe={"train": (x, y), "test": (test_x, test_y)},
-                          schedule=schedules.at([0, 4, 7]), probe_batch_size=40)
+                          schedule=schedules.at([0, 4, 7]), probe_batch_size=probe_batch_size)
     trainer(8, [rec]).fit(model, loader(x, y))
     run = open_run(rec.run_dir)
     neurons = run.neurons().to_pandas()
