@@ -17,10 +17,12 @@ device and the step's tensors are copied to the host once (non-blocking into
 pinned memory); on CPU the hooks keep one bool mask per layer (a cast, not a
 comparison: several times cheaper on CPU). Batch-source masks are packed on the
 writer thread (GIL-free ufuncs, one call per layer and hand-off); probe masks go
-to one buffer per split, every layer side by side, kept across probe steps, and are
-packed and counted on the training thread right after the probe forward, in one
-pass each (numpy work on the writer thread would make the training thread wait for
-the GIL at every call). Records go to the background
+to one buffer per split, every layer after the other, kept across probe steps, and are
+packed and counted right after each probe chunk's forward by the compiled kernel
+(``_pack``: one pass per layer; for a one-chunk split on its own native thread, which
+never takes the GIL), or by numpy on the training thread without it (numpy work on
+the writer thread would make the training thread wait for the GIL at every call).
+Records go to the background
 writer ``submit_every`` steps (or ``submit_bytes``) at a time; Arrow and all file
 I/O happen there. Steps before the next one at which any schedule can fire
 (:func:`dynatrack.schedules.next_step`) cost one comparison.
@@ -1046,7 +1048,10 @@ class _ProbeDecoder:
     :func:`_class_counts` per layer counts it. Either way the class blocks of each chunk
     are planned once from the split's labels (:func:`_count_plan`), and a probe step's
     output arrays are two allocations: on the training thread, between training steps,
-    every call pays for cold caches.
+    every call pays for cold caches. For a split that is one chunk the kernel's calls run
+    on its native thread (:meth:`add`), which never takes the GIL: the buffer is not
+    needed again before the next probe step (:meth:`begin` waits), and whoever reads the
+    arrays waits first (:func:`_when_done`).
     Kept for the run, one per split; :meth:`begin` starts a probe step.
     """
 
