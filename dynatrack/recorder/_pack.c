@@ -86,6 +86,27 @@ get_buffer(PyObject *obj, Py_buffer *view, int writable)
     return PyObject_GetBuffer(obj, view, writable ? (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) : PyBUF_C_CONTIGUOUS);
 }
 
+/* starts/classes: C-contiguous 8-byte signed integers (numpy int64), so their lengths count blocks. */
+static int
+get_index_buffer(PyObject *obj, Py_buffer *view, const char *what)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        return -1;
+    }
+    const char *f = view->format ? view->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') {
+        f++;
+    }
+    if (view->itemsize != 8 || (strcmp(f, "q") != 0 && strcmp(f, "l") != 0)) {
+        PyErr_Format(PyExc_TypeError, "pack_count: %s must be int64 (format %s given)", what,
+                     view->format ? view->format : "B");
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        return -1;
+    }
+    return 0;
+}
+
 /* One layer's call: its buffers (held until task_close) and sizes. */
 typedef struct {
     Py_buffer masks, starts, classes, bits, counts;
@@ -117,8 +138,8 @@ task_open(PyObject *args, task *t)
         PyErr_SetString(PyExc_TypeError, "pack_count: masks, starts and classes are required");
         return -1;
     }
-    if (get_buffer(o_masks, &t->masks, 0) < 0 || get_buffer(o_starts, &t->starts, 0) < 0 ||
-        get_buffer(o_classes, &t->classes, 0) < 0 || get_buffer(o_bits, &t->bits, 1) < 0 ||
+    if (get_buffer(o_masks, &t->masks, 0) < 0 || get_index_buffer(o_starts, &t->starts, "starts") < 0 ||
+        get_index_buffer(o_classes, &t->classes, "classes") < 0 || get_buffer(o_bits, &t->bits, 1) < 0 ||
         get_buffer(o_counts, &t->counts, 1) < 0) {
         goto fail;
     }
@@ -246,7 +267,6 @@ pending_release(pending *p)
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
-#include <unistd.h>
 #define DT_THREADS 1
 static pthread_mutex_t dt_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t dt_work = PTHREAD_COND_INITIALIZER;

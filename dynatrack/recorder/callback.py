@@ -1068,7 +1068,6 @@ class _ProbeDecoder:
         self.one_chunk = n <= chunk
         # the compiled kernel needs each chunk's rows sorted by class (probe shards are)
         self.kernel = _pack_kernel if all(p.order is None for p in self.plans) else None
-        self.blocks = [(p.block_start.astype(np.int64), p.block_class.astype(np.int64)) for p in self.plans]
         self.counts_shapes = [(max(self.n_classes, 1), wpad) for *_, wpad, _ in self.layers]
         self.bits_shapes = [(n, wpad // 8) for *_, wpad, _ in self.layers]
         self.counts: list[Any] | None = None  # per layer: [C, wpad] counts of this step
@@ -1091,8 +1090,8 @@ class _ProbeDecoder:
     def add(self, k: int, r0: int, n: int) -> None:
         """Decode chunk ``k``: rows ``r0 .. r0 + n`` of the split, held in the buffer's first ``n`` rows."""
         if self.kernel is not None:  # one pass per layer: each word of masks read once, packed and counted
-            starts, classes = self.blocks[k]
-            calls = [(block[:n], n, wpad, starts, classes,
+            plan = self.plans[k]
+            calls = [(block[:n], n, wpad, plan.block_start, plan.block_class,
                       None if self.bits is None else self.bits[li][r0 : r0 + n],
                       None if self.counts is None else self.counts[li], k == 0)
                      for li, (_, _, _, wpad, block) in enumerate(self.layers)]
@@ -1166,8 +1165,8 @@ class _CountPlan(NamedTuple):
     order: np.ndarray | None  # rows in label order (None: already sorted)
     n_classes: int  # 1 without labels (one row of totals)
     ends: list[int]  # end row of each class, in label order
-    block_start: np.ndarray  # blocks of at most 255 rows of one class, tiling the rows
-    block_class: np.ndarray
+    block_start: np.ndarray  # int64: blocks of at most 255 rows of one class, tiling the rows (as the kernel takes them)
+    block_class: np.ndarray  # int64
     unique: bool  # one block per class at most
     lanes_are_counts: bool  # sorted, and exactly one block per class: block c's byte lanes are class c's counts
 
@@ -1190,7 +1189,7 @@ def _count_plan(labels: np.ndarray | None, n_classes: int, n: int) -> _CountPlan
             block_class.append(c)
         start = end
     unique = len(set(block_class)) == len(block_class)
-    return _CountPlan(order, n_classes, ends, np.array(block_start, np.intp), np.array(block_class, np.intp), unique,
+    return _CountPlan(order, n_classes, ends, np.array(block_start, np.int64), np.array(block_class, np.int64), unique,
                       order is None and unique and len(block_class) == n_classes)
 
 

@@ -188,8 +188,7 @@ def test_pack_kernel_equals_packbits_and_a_naive_count():
                 naive[labels[r], j] += int(masks[r, j])
         for zero in (False, True):  # added to what is there, or to zeros
             counts = np.full((n_classes, wpad), 7, np.int32)
-            kernel.pack_count(masks, rows, wpad, plan.block_start.astype(np.int64),
-                              plan.block_class.astype(np.int64), bits, counts, zero)
+            kernel.pack_count(masks, rows, wpad, plan.block_start, plan.block_class, bits, counts, zero)
             np.testing.assert_array_equal(bits, np.packbits(masks, axis=1, bitorder="big"))
             np.testing.assert_array_equal(counts, naive + (0 if zero else 7))
     starts, classes = np.array([0], np.int64), np.array([0], np.int64)
@@ -198,6 +197,8 @@ def test_pack_kernel_equals_packbits_and_a_naive_count():
         kernel.pack_count(masks, 4, 16, starts, classes, None, None)
     with pytest.raises(ValueError, match="at most 255 rows each"):
         kernel.pack_count(np.zeros((256, 8), bool), 256, 8, starts, classes, None, None)
+    with pytest.raises(TypeError, match="starts must be int64"):  # lengths would count the wrong blocks
+        kernel.pack_count(masks, 4, 8, starts.astype(np.int32), classes, None, None)
     with pytest.raises(ValueError, match="counts must be int32"):
         kernel.pack_count(masks, 4, 8, starts, np.array([2], np.int64), None, np.zeros((2, 8), np.int32))
 
@@ -217,7 +218,7 @@ def test_pack_kernel_background_calls_equal_the_direct_ones():
     rows, wpad = 600, 40
     labels = np.sort(rng.integers(0, 3, rows))
     plan = callback._count_plan(labels, 3, rows)
-    starts, classes = plan.block_start.astype(np.int64), plan.block_class.astype(np.int64)
+    starts, classes = plan.block_start, plan.block_class
 
     def calls():
         masks = [rng.random((rows, wpad)) < 0.5 for _ in range(3)]
