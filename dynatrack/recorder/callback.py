@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 import secrets
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -243,13 +246,37 @@ class PatternRecorder(Callback):
 
     @property
     def state_key(self) -> str:
-        return f"PatternRecorder[root={self.root}, run_name={self.run_name}]"
+        """The key of this recorder's state in a Lightning checkpoint.
+
+        ``root`` is normalized (:func:`_root_key`), so ``runs``, ``./runs/``, ``/abs/runs`` and
+        ``file:///abs/runs`` name the same recorder and a resume finds its state however it is spelled.
+        """
+        return _state_key(_root_key(self.root), self.run_name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "attempt": self.attempt, "last_step": dict(self._last_step)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the root was normalized keep it as it was spelled: find
+        # this recorder's state under any spelling of the same root (Lightning then finds none
+        # under state_key and does not call load_state_dict).
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        mine = [k for k in states if isinstance(k, str) and _same_recorder(k, self.root, self.run_name)]
+        if len(mine) == 1:
+            self.load_state_dict(dict(states[mine[0]]))
+            return
+        others = [k for k in states if isinstance(k, str) and k.startswith("PatternRecorder[")]
+        if others:
+            log.warning(
+                "the checkpoint holds the state of %s but not of this recorder (%s): a recorder with another "
+                "root or run_name wrote it; this fit records %s",
+                ", ".join(others), self.state_key,
+                "a new run" if self.run_name is None else f"into run_name={self.run_name!r}")
 
     # -- Lightning hooks ---------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -432,6 +459,13 @@ class PatternRecorder(Callback):
             existing = read_manifest(loc)
             check_compatible(existing, wanted, loc.uri)
             if not resuming:
+                ckpt = getattr(trainer, "ckpt_path", None)
+                if ckpt:
+                    raise RecorderError(
+                        f"run directory {loc.uri!r} already exists and the checkpoint {ckpt!r} holds no state of "
+                        f"this recorder ({self.state_key}): it was not written by a fit recording this run. "
+                        "Pass a checkpoint of the fit that recorded it, or choose another run_name"
+                    )
                 raise RecorderError(
                     f"run directory {loc.uri!r} already exists. Choose another run_name, or resume it by "
                     "passing ckpt_path=<a Lightning checkpoint of that run> to trainer.fit()"
@@ -774,6 +808,34 @@ class PatternRecorder(Callback):
 
 
 # -- helpers -----------------------------------------------------------------------
+
+
+def _root_key(root: str) -> str:
+    """``root`` normalized for comparison: local paths absolute and resolved, URIs without trailing slashes.
+
+    >>> _root_key("s3://bucket//runs/") == _root_key("s3://bucket/runs")
+    True
+    """
+    text = str(root)
+    if "://" in text:
+        parts = urllib.parse.urlsplit(text)
+        if parts.scheme.lower() != "file":
+            path = posixpath.normpath("/" + parts.path.lstrip("/"))
+            return f"{parts.scheme.lower()}://{parts.netloc}{path.rstrip('/')}"
+        text = urllib.parse.unquote(parts.path)
+    return str(Path(text).expanduser().resolve())
+
+
+def _state_key(root_key: str, run_name: str | None) -> str:
+    return f"PatternRecorder[root={root_key}, run_name={run_name}]"
+
+
+def _same_recorder(key: str, root: str, run_name: str | None) -> bool:
+    """Whether checkpoint state ``key`` (``PatternRecorder[root=..., run_name=...]``) names this root and run name."""
+    prefix, suffix = "PatternRecorder[root=", f", run_name={run_name}]"
+    if not (key.startswith(prefix) and key.endswith(suffix)):
+        return False
+    return _root_key(key[len(prefix) : -len(suffix)]) == _root_key(root)
 
 
 def _new_run_id() -> str:
