@@ -424,7 +424,8 @@ class PatternRecorder(Callback):
         self._probe_meta = (
             {name: s.sample_ids.numpy() for name, s in self._shard.items()},
             {name: (s.labels.numpy() if s.labels is not None else None) for name, s in self._shard.items()},
-            self.probe.num_classes,
+            # per split: a split without labels has no class counts (its neurons are labelled ``partial``)
+            {name: (self.probe.num_classes if s.labels is not None else 0) for name, s in self._shard.items()},
             list(self._widths)[-1] if self._widths else None,
             dict(self._widths),
         )
@@ -600,7 +601,7 @@ class PatternRecorder(Callback):
                         if dec is None:  # its buffer holds one chunk's rows, reused chunk after chunk
                             buf = cap.probe_masks(self._widths, min(bs, len(split)))
                             dec = self._probe_decoders[split_name] = _ProbeDecoder(
-                                split_name, buf, len(split), labels[split_name], n_classes)
+                                split_name, buf, len(split), labels[split_name], n_classes[split_name])
                         cap.reuse = dec.buf
                         dec.begin(bits=patterns, counts=neurons)
                         for k, i in enumerate(range(0, len(split), bs)):

@@ -118,10 +118,14 @@ class Probe:
 
     @property
     def num_classes(self) -> int:
-        """``max label + 1`` over all splits; 0 when any split has no labels."""
-        if not self.splits or any(s.labels is None for s in self.splits.values()):
+        """``max label + 1`` over the splits with labels; 0 when no split has labels.
+
+        A split without labels (a plain tensor) gets no per-class counts, whatever the others have.
+        """
+        labelled = [s.labels for s in self.splits.values() if s.labels is not None]
+        if not labelled:
             return 0
-        return int(max(int(s.labels.max()) for s in self.splits.values())) + 1  # type: ignore[union-attr]
+        return int(max(int(labels.max()) for labels in labelled)) + 1
 
     def shard(self, rank: int, world_size: int) -> dict[str, ProbeSplit]:
         """This rank's samples: every ``world_size``-th sample starting at ``rank``, ordered by label.
