@@ -39,6 +39,7 @@ import posixpath
 import secrets
 import time
 import urllib.parse
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -74,7 +75,7 @@ from dynatrack.store.manifest import (
     write_manifest,
 )
 from dynatrack.store.schema import MANIFEST, PROBE, PROBE_DIR
-from dynatrack.store.writer import ShardWriter
+from dynatrack.store.writer import ShardWriter, WriterError
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ class PatternRecorder(Callback):
                 trainer.strategy.barrier("dynatrack-run-closed")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._close(raise_errors=False)
+        self._close(raise_errors=False, raised=exception)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -348,9 +349,10 @@ class PatternRecorder(Callback):
             device = _module_device(pl_module)
             eval_mode = _EvalMode(pl_module)
             was_training = eval_mode.enter()
+            outputs: list[Any] = []
             try:
                 calls, widths = trace_layers(
-                    pl_module, modules, lambda t: self.probe_forward(pl_module, t), x.to(device)
+                    pl_module, modules, lambda t: outputs.append(self.probe_forward(pl_module, t)), x.to(device)
                 )
             except Exception as exc:
                 raise ProbeError(
@@ -374,6 +376,8 @@ class PatternRecorder(Callback):
                 )
             self._capture = Capture(modules, calls)
             self._widths = widths
+            if self._rank == 0:
+                _warn_about_probe(self.probe, outputs[0] if outputs else None)
         else:
             if sch.is_never(self.batch_schedule):
                 raise RecorderError(
@@ -789,7 +793,8 @@ class PatternRecorder(Callback):
             ids = ids.reshape(-1)
         return ids if ids.dtype == torch.int64 else ids.to(torch.int64)
 
-    def _close(self, *, raise_errors: bool) -> None:
+    def _close(self, *, raise_errors: bool, raised: BaseException | None = None) -> None:
+        """Stop the writer; ``raised``: the exception that ends the fit (a writer failure is reported once)."""
         if self._capture is not None:
             self._capture.detach()
         if self._writer is None:
@@ -802,9 +807,11 @@ class PatternRecorder(Callback):
         writer, self._writer = self._writer, None
         try:
             writer.close()
-        except Exception:
+        except Exception as exc:
             if raise_errors:
                 raise
+            if isinstance(raised, WriterError) and exc.__cause__ is not None and exc.__cause__ is raised.__cause__:
+                return  # the fit already ends with this failure
             log.exception("dynatrack writer failed while closing the run")
 
 
@@ -837,6 +844,30 @@ def _same_recorder(key: str, root: str, run_name: str | None) -> bool:
     if not (key.startswith(prefix) and key.endswith(suffix)):
         return False
     return _root_key(key[len(prefix) : -len(suffix)]) == _root_key(root)
+
+
+def _warn_about_probe(probe: Probe, output: Any) -> None:
+    """Warn once, at setup, about probe samples whose records would mislead.
+
+    NaN inputs give NaN pre-activations, which the recorder reads as active; labels
+    beyond the model's outputs (a classifier's logits) are classes the model cannot predict.
+    """
+    for name, split in probe.splits.items():
+        if split.inputs.is_floating_point() or split.inputs.is_complex():
+            bad = torch.isnan(split.inputs.reshape(len(split), -1)).any(dim=1)
+            if bool(bad.any()):
+                ids = split.sample_ids[bad].tolist()  # type: ignore[index]
+                warnings.warn(
+                    f"probe split {name!r} has {len(ids)} sample(s) with NaN inputs (sample ids "
+                    f"{ids[:5]}{' ...' if len(ids) > 5 else ''}): their pre-activations are NaN and their neurons "
+                    "read as active. Drop or fix those samples", UserWarning, stacklevel=2)
+    n_out = output.shape[-1] if isinstance(output, torch.Tensor) and output.dim() >= 2 else None
+    if n_out and n_out > 1 and probe.num_classes > n_out:
+        worst = max((int(s.labels.max()), name) for name, s in probe.splits.items() if s.labels is not None)
+        warnings.warn(
+            f"probe split {worst[1]!r} has label {worst[0]}, but the model has {n_out} outputs per sample "
+            f"(classes 0..{n_out - 1}): the per-class counts include classes the model cannot predict. "
+            "Check the probe labels", UserWarning, stacklevel=2)
 
 
 def _new_run_id() -> str:
