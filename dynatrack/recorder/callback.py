@@ -54,8 +54,10 @@ from dynatrack import schedules as sch
 from dynatrack.recorder.capture import (
     Capture,
     LayerSelectionError,
+    is_compiled,
     select_layers,
     trace_layers,
+    user_name,
 )
 from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.decode import (
@@ -332,6 +334,9 @@ class PatternRecorder(Callback):
     def _validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Everything that can be checked before training: fail here, not at step 5,000."""
         modules = select_layers(pl_module, self.layer_names)
+        compiled = _compiled_parts(pl_module)
+        if compiled:
+            _guard_hooks(compiled)
         if self._probe_from_datamodule:
             dm = trainer.datamodule
             if dm is None or not callable(getattr(dm, "probe", None)):
@@ -352,7 +357,8 @@ class PatternRecorder(Callback):
             outputs: list[Any] = []
             try:
                 calls, widths = trace_layers(
-                    pl_module, modules, lambda t: outputs.append(self.probe_forward(pl_module, t)), x.to(device)
+                    pl_module, modules, lambda t: outputs.append(self.probe_forward(pl_module, t)), x.to(device),
+                    compiled=bool(compiled),
                 )
             except Exception as exc:
                 raise ProbeError(
@@ -369,12 +375,18 @@ class PatternRecorder(Callback):
                         f"but split {split!r} has {tuple(first.inputs.shape[1:])}"
                     )
             silent = [n for n, k in calls.items() if k == 0]
+            if silent and compiled:
+                raise LayerSelectionError(
+                    f"the forward hooks of layers {silent} did not run in the probe forward of the torch.compile'd "
+                    f"{', '.join(compiled)}: it was compiled and called before the recorder's setup. Call "
+                    "torch._dynamo.reset() before trainer.fit(), or compile the model without calling it first"
+                )
             if silent:
                 raise LayerSelectionError(
                     f"layers {silent} were never called in a forward pass of the probe; "
                     "remove them from layers=... or check the model's forward"
                 )
-            self._capture = Capture(modules, calls)
+            self._capture = Capture(modules, calls, compiled=bool(compiled))
             self._widths = widths
             if self._rank == 0:
                 _warn_about_probe(self.probe, outputs[0] if outputs else None)
@@ -384,7 +396,7 @@ class PatternRecorder(Callback):
                     "nothing to record: pass probe=... (a fixed probe set) and/or batch_schedule=... "
                     "(the training batch's own patterns)"
                 )
-            self._capture = Capture(modules, None)
+            self._capture = Capture(modules, None, compiled=bool(compiled))
             self._widths = {}
         self._out_weight = _scalar_output_weight(pl_module, modules, self._widths)
 
@@ -1006,4 +1018,29 @@ def _scalar_output_weight(
 
 
 def _host_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    """The weights on the host, keyed as in the uncompiled model (no ``_orig_mod`` of ``torch.compile``)."""
+    return {user_name(k): v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _compiled_parts(module: nn.Module) -> list[str]:
+    """What of ``module`` runs under ``torch.compile``: its compiled submodules, or the whole module."""
+    parts = [user_name(n) for n, m in module.named_modules() if n and is_compiled(m)]
+    if getattr(module, "_compiler_ctx", None):  # Lightning's unwrapped trainer.fit(torch.compile(model))
+        parts.insert(0, type(module).__name__)
+    return parts
+
+
+def _guard_hooks(compiled: list[str]) -> None:
+    """Make ``torch.compile`` check the forward hooks the recorder adds and removes between steps.
+
+    By default (``torch._dynamo.config.skip_nnmodule_hook_guards``) compiled code ignores
+    hooks added after it was compiled: the batch source would record step 0 only. With the
+    guards, compiled code keeps one graph with the recorder's hooks (run eagerly: a graph
+    break at each recorded module, on recorded steps) and one without.
+    """
+    import torch._dynamo
+
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        log.info("dynatrack: %s run under torch.compile; set torch._dynamo.config.skip_nnmodule_hook_guards = False "
+                 "so that the recorder's forward hooks run on every recorded step", ", ".join(compiled))
