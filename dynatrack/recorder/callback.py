@@ -107,7 +107,8 @@ class PatternRecorder(Callback):
         neuron_schedule: steps at which neuron partition counts are recorded
             (default: ``schedule``).
         checkpoint_schedule: steps whose weights are saved to ``checkpoints/step=<s>.pt``
-            (default: every step with recorded patterns).
+            (default: the probe schedule's steps and step 0; not the batch schedule's: pass
+            ``checkpoint_schedule=batch_schedule`` for weights at every batch-recorded step).
         steps_schedule: steps with a row in the ``steps`` table (default: the union of
             the probe, neuron and checkpoint schedules).
         record_final: also record probe patterns, neurons and weights after the last update.
@@ -190,8 +191,10 @@ class PatternRecorder(Callback):
         self.neuron_schedule: sch.Schedule = neuron_schedule if neuron_schedule is not None else self.schedule
         if not has_probe:
             self.neuron_schedule = sch.never()
+        # weights where the probe is recorded (and step 0, and the final step with record_final), not at
+        # batch-source steps: a state_dict per batch-recorded step costs more than the patterns
         self.checkpoint_schedule: sch.Schedule = (
-            checkpoint_schedule if checkpoint_schedule is not None else sch.union([self.schedule, self.batch_schedule])
+            checkpoint_schedule if checkpoint_schedule is not None else sch.union([self.schedule, sch.at([0])])
         )
         # steps rows (loss, lr, gradient norm) go with the steps whose weights are probed or saved;
         # the batch source alone does not add them (the gradient norm costs a pass over all grads)
