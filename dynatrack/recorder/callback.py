@@ -452,7 +452,8 @@ class PatternRecorder(Callback):
         c = self.probe.num_classes
         self._onehots = {}
         for name, split in self._shard.items():
-            split.inputs = split.inputs.to(device)
+            # as Lightning converts the training batches (e.g. to bf16 under precision="bf16-true")
+            split.inputs = trainer.precision_plugin.convert_input(split.inputs.to(device))
             if c and split.labels is not None:
                 onehot = torch.nn.functional.one_hot(split.labels, c).T.to(device=device, dtype=torch.float32)
             else:

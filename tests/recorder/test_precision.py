@@ -49,3 +49,25 @@ def test_bf16_mixed_records_the_bf16_training_forward_and_a_float32_probe(tmp_pa
             np.testing.assert_array_equal(got, (zb > 0).numpy())
             flips += int(((zb > 0) != (preacts(state, x[ids])[k] > 0)).sum())
     assert flips > 0
+
+
+def test_bf16_true_records_the_bf16_model_for_both_sources(tmp_path, data):
+    # the probe inputs are converted as Lightning converts the training batches (here to bf16)
+    x, y = data
+    torch.manual_seed(0)
+    rec = PatternRecorder(str(tmp_path / "runs"), probe=(x, y), schedule=schedules.every(2),
+                          batch_schedule=schedules.every(2))
+    trainer(4, [rec], precision="bf16-true").fit(TinyNet(), loader(x, y, batch_size=96))
+    run = open_run(rec.run_dir)
+    batch = run.patterns(source="batch").to_pandas()
+    for step in (0, 2):
+        state = run.checkpoint(step)
+        assert state["net.0.weight"].dtype == torch.bfloat16
+        for k, (layer, width) in enumerate(run.widths.items()):
+            ids, bits = run.pattern_bits(step, layer)
+            z = preacts(state, x[torch.as_tensor(ids)].to(torch.bfloat16))[k]
+            np.testing.assert_array_equal(signs(bits, width), (z > 0).numpy())
+            rows = batch[(batch.step == step) & (batch.layer == layer)]
+            z = preacts(state, x[torch.as_tensor(rows.sample_id.to_numpy().copy())].to(torch.bfloat16))[k]
+            got = signs(np.stack([np.frombuffer(b, np.uint8) for b in rows.bits]), width)
+            np.testing.assert_array_equal(got, (z > 0).numpy())
