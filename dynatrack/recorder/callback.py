@@ -364,6 +364,13 @@ class PatternRecorder(Callback):
                     compiled=bool(compiled),
                 )
             except Exception as exc:
+                if compiled and type(exc).__module__.startswith("torch._dynamo"):
+                    raise RecorderError(
+                        f"torch.compile could not run the recorder's forward hooks in {', '.join(compiled)} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). The hooks run "
+                        "eagerly, a graph break at each recorded module on recorded steps: compile without "
+                        "fullgraph=True, or record this model uncompiled"
+                    ) from exc
                 raise ProbeError(
                     f"the probe split {split!r} (inputs of shape {tuple(first.inputs.shape)}, "
                     f"dtype {first.inputs.dtype}) does not fit {type(pl_module).__name__}: {exc}. "

@@ -76,3 +76,15 @@ def test_compiled_model_records_every_scheduled_step_under_its_own_names(tmp_pat
 def test_compiled_with_aot_autograd(tmp_path, fresh_dynamo):
     run, x = compiled_fit(tmp_path, "submodule", "aot_eager")
     check_run(run, x, 9)
+
+
+def test_fullgraph_compile_is_refused_at_setup_with_what_to_do(tmp_path, fresh_dynamo):
+    from dynatrack.recorder import RecorderError
+
+    x, y = make_data()
+    model = TinyNet()
+    model.net = torch.compile(model.net, backend="eager", fullgraph=True)
+    rec = PatternRecorder(str(tmp_path / "runs"), probe=(x, y), batch_schedule=schedules.every(2))
+    with pytest.raises(RecorderError, match="compile without fullgraph=True"):
+        trainer(3, [rec]).fit(model, loader(x, y))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written
