@@ -241,6 +241,7 @@ class PatternRecorder(Callback):
         self._params: list[nn.Parameter] = []
         self._world = 1
         self._rank = 0
+        self._warned: set[str] = set()  # layers already warned about (see _warn_missing)
 
     # -- public ---------------------------------------------------------------
     @property
@@ -413,6 +414,7 @@ class PatternRecorder(Callback):
     def _open_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Agree on a run id across ranks, create or reopen the run directory."""
         self._world, self._rank = trainer.world_size, trainer.global_rank
+        self._warned = set()
         self._steps_live = not sch.is_never(self.steps_schedule)
         self._next_due = 0  # the next step whose schedules must be checked (see _next_firing)
         self._one_micro_batch = _accumulation(trainer) == 1
@@ -718,6 +720,8 @@ class PatternRecorder(Callback):
             self._batch_active = False
             ids = self._batch_ids(trainer, batch)
             bits = self._capture.take()  # type: ignore[union-attr]
+            if len(bits) != len(self._capture.names):  # type: ignore[union-attr]
+                self._warn_missing(step, bits)
             n = ids.shape[0]
             for layer, chunks in bits.items():
                 self._pending_bytes += chunks[0].nbytes
@@ -757,6 +761,15 @@ class PatternRecorder(Callback):
         else:
             self._pending_batches.append((step, ids, bits, scalars, meta))
         self._submit_if_due()
+
+    def _warn_missing(self, step: int, bits: Mapping[str, Any]) -> None:
+        """Warn (once per layer and fit) about recorded layers whose hooks did not run in a training forward."""
+        missing = [name for name in self._capture.names if name not in bits and name not in self._warned]  # type: ignore[union-attr]
+        if missing:
+            self._warned.update(missing)
+            warnings.warn(
+                f"layers {missing} did not run in the training forward of step {step}: the batch source has no "
+                "rows of them at that step (and at later steps where they do not run)", UserWarning, stacklevel=2)
 
     def _submit_if_due(self) -> None:
         """Hand the pending records over once ``submit_every`` of them or ``submit_bytes`` wait."""
@@ -1053,5 +1066,8 @@ def _guard_hooks(compiled: list[str]) -> None:
 
     if torch._dynamo.config.skip_nnmodule_hook_guards:
         torch._dynamo.config.skip_nnmodule_hook_guards = False
+        # graphs compiled so far (a forward called before fit) do not check hooks: compiled again
+        torch._dynamo.reset()
         log.info("dynatrack: %s run under torch.compile; set torch._dynamo.config.skip_nnmodule_hook_guards = False "
-                 "so that the recorder's forward hooks run on every recorded step", ", ".join(compiled))
+                 "and reset torch.compile's caches so that the recorder's forward hooks run on every recorded step",
+                 ", ".join(compiled))

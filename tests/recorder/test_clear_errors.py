@@ -84,3 +84,35 @@ def test_a_writer_failure_is_reported_once(tmp_path, caplog):
     assert "Not a directory" in str(info.value)
     reports = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert reports == [], [r.getMessage() for r in reports]
+
+
+class SkipsSecondReLU(TinyNet):
+    """At the steps in ``skip_at`` the forward bypasses ``net.3`` (its hook cannot run)."""
+
+    skip = False
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        if not self.skip:
+            return self.net(x)
+        return self.net[4](self.net[2](self.net[1](self.net[0](x))))
+
+
+class SkipAt(Callback):
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+        pl_module.skip = trainer.global_step in self.steps
+
+
+def test_a_layer_missing_from_a_recorded_training_forward_is_warned_about_once(tmp_path, data):
+    x, y = data
+    rec = PatternRecorder(str(tmp_path / "runs"), batch_schedule=schedules.every(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(6, [SkipAt({2, 4}), rec]).fit(SkipsSecondReLU(), loader(x, y))
+    mine = [w for w in caught if "did not run in the training forward" in str(w.message)]
+    assert len(mine) == 1 and "['net.3']" in str(mine[0].message) and "step 2" in str(mine[0].message)
+    t = open_run(rec.run_dir).patterns(source="batch").to_pandas()
+    steps_of = {layer: sorted(g.step.unique()) for layer, g in t.groupby("layer")}
+    assert steps_of == {"net.1": [0, 1, 2, 3, 4, 5], "net.3": [0, 1, 3, 5]}

@@ -30,7 +30,7 @@ def pre_activations(state: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"net.1": z1, "net.3": z2}
 
 
-def compiled_fit(tmp_path, how: str, backend: str, steps: int = 9):  # noqa: ANN001, ANN201
+def compiled_fit(tmp_path, how: str, backend: str, steps: int = 9, called_before: bool = False):  # noqa: ANN001, ANN201
     x, y = make_data()
     torch.manual_seed(0)
     model = TinyNet()
@@ -38,6 +38,9 @@ def compiled_fit(tmp_path, how: str, backend: str, steps: int = 9):  # noqa: ANN
         model.net = torch.compile(model.net, backend=backend)
     else:
         model = torch.compile(model, backend=backend)
+    if called_before:  # compiled (without hook checks) before the recorder's setup
+        model(x[:16]).sum().backward()
+        model.zero_grad()
     rec = PatternRecorder(str(tmp_path / "runs"), probe=(x, y), schedule=schedules.every(3),
                           batch_schedule=schedules.every(2), checkpoint_schedule=schedules.every(1))
     trainer(steps, [rec]).fit(model, loader(x, y))
@@ -69,6 +72,11 @@ def check_run(run, x: torch.Tensor, steps: int) -> None:  # noqa: ANN001
 @pytest.mark.parametrize("how", ["submodule", "whole"])
 def test_compiled_model_records_every_scheduled_step_under_its_own_names(tmp_path, fresh_dynamo, how):
     run, x = compiled_fit(tmp_path, how, "eager")
+    check_run(run, x, 9)
+
+
+def test_compiled_and_called_before_fit(tmp_path, fresh_dynamo):
+    run, x = compiled_fit(tmp_path, "submodule", "eager", called_before=True)
     check_run(run, x, 9)
 
 
