@@ -399,6 +399,7 @@ class PatternRecorder(Callback):
                 )
             self._capture = Capture(modules, calls, compiled=bool(compiled))
             self._widths = widths
+            _check_class_counts(self.probe, widths)
             if self._rank == 0:
                 _warn_about_probe(self.probe, outputs[0] if outputs else None)
         else:
@@ -880,6 +881,22 @@ def _same_recorder(key: str, root: str, run_name: str | None) -> bool:
     if not (key.startswith(prefix) and key.endswith(suffix)):
         return False
     return _root_key(key[len(prefix) : -len(suffix)]) == _root_key(root)
+
+
+#: The most memory the per-class neuron counts of one probe split may take (int32 ``[classes, neurons]``).
+MAX_COUNTS_BYTES = 2**31
+
+
+def _check_class_counts(probe: Probe, widths: Mapping[str, int]) -> None:
+    """Refuse, at setup, labels so large that the per-class counts of the recorded layers would not fit."""
+    c = probe.num_classes
+    neurons = sum(-(-w // 8) * 8 for w in widths.values())
+    if c * neurons * 4 > MAX_COUNTS_BYTES:
+        raise ProbeError(
+            f"probe labels go up to {c - 1}: the per-class neuron counts would take {c * neurons * 4 / 2**30:.1f} GiB "
+            f"per probe split ({c:,} classes x {neurons:,} recorded neurons, at most {MAX_COUNTS_BYTES // 2**30} GiB). "
+            "Remap the labels to 0..K-1 (labels = torch.unique(labels, return_inverse=True)[1]), record fewer "
+            "layers, or pass the probe without labels")
 
 
 def _warn_about_probe(probe: Probe, output: Any) -> None:

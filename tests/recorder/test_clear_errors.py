@@ -116,3 +116,14 @@ def test_a_layer_missing_from_a_recorded_training_forward_is_warned_about_once(t
     t = open_run(rec.run_dir).patterns(source="batch").to_pandas()
     steps_of = {layer: sorted(g.step.unique()) for layer, g in t.groupby("layer")}
     assert steps_of == {"net.1": [0, 1, 2, 3, 4, 5], "net.3": [0, 1, 3, 5]}
+
+
+def test_labels_whose_class_counts_would_not_fit_are_refused_at_setup(tmp_path):
+    # 65,536 classes x 40,000 neurons x 4 bytes = 9.8 GiB of counts per split: refused before training
+    x, y = make_data(8)
+    y[0] = MAX_CLASSES - 1
+    model = TinyNet(hidden=(40_000,))
+    rec = PatternRecorder(str(tmp_path / "runs"), probe=(x, y))
+    with pytest.raises(ProbeError, match=r"labels go up to 65535: .* 9\.8 GiB .*65,536 classes x 40,000"):
+        trainer(2, [rec]).fit(model, loader(x, y))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
