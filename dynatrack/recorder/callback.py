@@ -467,7 +467,9 @@ class PatternRecorder(Callback):
             )
             buf = io.BytesIO()
             pq.write_table(table, buf, compression="zstd")
-            loc.write_bytes_atomic(f"{PROBE_DIR}/{name}.parquet", buf.getvalue())
+            if not loc.write_bytes_atomic(f"{PROBE_DIR}/{name}.parquet", buf.getvalue()):  # atomic no-replace
+                raise StoreError(f"{loc.uri}/{PROBE_DIR}/{name}.parquet already exists: another fit is creating "
+                                 "this run at the same time. Choose another run_name")
 
     def _schedules(self) -> dict[str, sch.Schedule]:
         return {"probe": self.schedule, "batch": self.batch_schedule, "neurons": self.neuron_schedule,
