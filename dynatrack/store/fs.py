@@ -138,18 +138,20 @@ class RunLocation:
     def local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
-    def list_files(self, rel: str, recursive: bool = True, *, hidden: bool = False) -> list[pafs.FileInfo]:
+    def list_files(self, rel: str, recursive: bool = True, *, hidden: bool = False,
+                   refuse_links: bool = False) -> list[pafs.FileInfo]:
         """Files under ``rel`` (empty if it does not exist), hidden/temp files excluded.
 
-        On a local disk a symbolic link under ``rel`` is refused with a :class:`StoreError`
-        naming it: a link (a loop, or a second name for a shard) would make readers count
-        rows twice, and a run directory is read as data, never followed elsewhere.
+        On a local disk symbolic links are never followed (a loop, or a second name for a
+        shard, would count rows twice): they are skipped, or with ``refuse_links`` (the
+        table directories) refused with a :class:`StoreError` naming the link.
         """
+        top = self.join(rel) if rel else self.path
         if not self.exists(rel):
             return []
         if self.local:
-            self._refuse_links(self.join(rel) if rel else self.path, recursive)
-        sel = pafs.FileSelector(self.join(rel) if rel else self.path, recursive=recursive, allow_not_found=True)
+            return self._walk_local(top, recursive, hidden, refuse_links)
+        sel = pafs.FileSelector(top, recursive=recursive, allow_not_found=True)
         out = []
         for info in self.fs.get_file_info(sel):
             base = info.base_name
@@ -157,21 +159,39 @@ class RunLocation:
                 out.append(info)
         return sorted(out, key=lambda i: i.path)
 
-    def _refuse_links(self, top: str, recursive: bool) -> None:
+    def _walk_local(self, top: str, recursive: bool, hidden: bool, refuse_links: bool) -> list[pafs.FileInfo]:
+        out = []
         if top != self.path and os.path.islink(top):
-            raise StoreError(f"{top} is a symbolic link inside the run directory {self.path!r}; dynatrack does not "
-                             "follow links there. Replace it with the directory it points to.")
+            self._link(top, refuse_links)
+            return out
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-            for name in dirnames + filenames:
+            for name in list(dirnames):
+                if os.path.islink(os.path.join(dirpath, name)):
+                    self._link(os.path.join(dirpath, name), refuse_links)
+                    dirnames.remove(name)
+            for name in filenames:
                 path = os.path.join(dirpath, name)
                 if os.path.islink(path):
-                    raise StoreError(
-                        f"{path} is a symbolic link inside the run directory {self.path!r}; dynatrack does not "
-                        "follow links there (a loop or a second name would count rows twice). Remove it, or "
-                        "copy the files it points to in its place."
-                    )
+                    self._link(path, refuse_links)
+                    continue
+                if hidden or not name.startswith((".", "_")):
+                    try:
+                        size = os.stat(path).st_size
+                    except FileNotFoundError:  # removed while listing (a temporary file renamed)
+                        continue
+                    out.append(pafs.FileInfo(path, pafs.FileType.File, size=size))
             if not recursive:
-                return
+                break
+        return sorted(out, key=lambda i: i.path)
+
+    def _link(self, path: str, refuse: bool) -> None:
+        if refuse:
+            raise StoreError(
+                f"{path} is a symbolic link inside the run directory {self.path!r}; dynatrack does not "
+                "follow links there (a loop or a second name would count rows twice). Remove it, or "
+                "copy the files it points to in its place."
+            )
+        log.debug("symbolic link %s skipped", path)
 
     def remove_stale_temp_files(self, rel: str = "") -> list[str]:
         """Delete the temporary files (``*.tmp``, write tests) that dead processes of this host left under ``rel``.
@@ -182,7 +202,7 @@ class RunLocation:
         removed = []
         try:
             infos = self.list_files(rel, recursive=True, hidden=True)
-        except (StoreError, *pa_errors()):
+        except pa_errors():
             return removed
         for info in infos:
             if stale_temp_file(info.base_name):

@@ -124,7 +124,7 @@ class Run:
         if kind not in TABLES:
             raise ValueError(f"unknown table {kind!r}; expected one of {sorted(TABLES)}")
         out = []
-        for info in self.loc.list_files(kind):
+        for info in self.loc.list_files(kind, refuse_links=True):
             parsed = parse_part_name(info.base_name)
             rank_dir = info.path.rsplit("/", 2)[-2]
             # exactly <kind>/rank=<r>/part-*.parquet, as the documented glob <kind>/*/*.parquet reads

@@ -193,3 +193,14 @@ def test_commit_records_are_plain_json_outside_the_table_globs(tmp_path):
     assert doc == {"rank": 0, "attempt": 0, "through": 2, "closed": True,
                    "rows": {"patterns": 30, "neurons": 36, "steps": 3}}
     assert raw_rows(loc.path).num_rows == 30
+
+
+def test_links_outside_the_tables_are_skipped_not_followed(tmp_path, capsys):
+    loc = make_run(tmp_path, world=1)
+    write_steps(loc, 0, range(3))
+    before = open_run(loc.path).summary()["total_bytes"]
+    wandb = Path(loc.path, "analysis", "wandb")
+    wandb.mkdir(parents=True)
+    (wandb / "latest-run").symlink_to("..")  # as W&B makes them: a loop back to the run directory
+    assert main(["inspect", "--json", loc.path]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == before
