@@ -55,6 +55,25 @@ def test_steps_not_committed_on_every_rank_are_left_out_and_named(tmp_path):
     assert s["commits"][1][0]["through"] == 3 and s["commits"][0][0]["closed"]
 
 
+def test_inspect_shows_the_incomplete_steps_per_rank(tmp_path, capsys):
+    import json
+
+    from dynatrack.cli import main
+
+    loc = make_run(tmp_path)
+    write_steps(loc, 0, range(6))
+    write_steps(loc, 1, range(5))
+    write_commit(loc, Commit(1, 0, 3, False))
+    assert main(["inspect", "--json", loc.path]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["incomplete_steps"] == [4, 5] and doc["incomplete_by_rank"] == {"0": [], "1": [4, 5]}
+    assert doc["pattern_steps"] == [0, 1, 2, 3]
+    assert main(["inspect", loc.path]) == 0
+    out = capsys.readouterr()
+    lines = [ln for ln in out.out.splitlines() if "through step 3" in ln]
+    assert len(lines) == 1 and "4, 5" in lines[0] and "IncompleteStepsWarning" not in out.err
+
+
 def test_a_rank_that_never_committed_makes_every_step_incomplete(tmp_path):
     loc = make_run(tmp_path)
     write_steps(loc, 0, range(3))
