@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from dynatrack.analysis.partitions import partition_labels
-from dynatrack.store.commits import StepRange, complete_ranges, read_commits
+from dynatrack.store.commits import complete_ranges, read_commits
 from dynatrack.store.fs import RunLocation, StoreError, pa_errors
 from dynatrack.store.manifest import read_manifest
 from dynatrack.store.schema import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,12 @@ def run_rows(run) -> list[tuple]:  # noqa: ANN001
     t = run.patterns(columns=["step", "layer", "split", "source", "sample_id", "bits"])
     cols = ["step", "layer", "split", "source", "sample_id", "bits"]
     return sorted(zip(*[t.column(c).to_pylist() for c in cols]))
+
+
+def record(name: str, **figures) -> None:  # noqa: ANN003
+    """Append a fault test's figures (faults, rows checked, rows lost) to $DYNATRACK_FAULT_FIGURES, when set
+    (how docs/reliability.md's table was filled)."""
+    path = os.environ.get("DYNATRACK_FAULT_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": name, **figures}) + "\n")

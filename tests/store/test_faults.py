@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
-from store_helpers import commit_doc, glob_rows, raw_rows, run_rows
+from store_helpers import commit_doc, glob_rows, raw_rows, record, run_rows
 
 from dynatrack import open_run
 from dynatrack.store.reader import IncompleteStepsWarning
@@ -24,7 +24,6 @@ from dynatrack.store.reader import IncompleteStepsWarning
 SCRIPT = Path(__file__).parent / "scripts" / "fault_fit.py"
 TRAIN, TEST = 1438, 359  # digits probe splits (DigitsDataModule, seed 0)
 LAYERS = ("net.body.1", "net.body.3")
-FIGURES = Path(os.environ.get("DYNATRACK_FAULT_FIGURES", "/dev/null"))
 
 
 def fit(tmp_path: Path, devices: int, steps: int, kill: dict | None, resume: str | None = None) -> int:
@@ -139,13 +138,6 @@ def check_resumed(run_dir: Path, steps: int) -> int:
     mine = run_rows(run)
     assert rows["duckdb"] == rows["polars"] == rows["pyarrow"] == mine
     return len(mine)
-
-
-def record(name: str, **figures) -> None:  # noqa: ANN003
-    """Append a test's figures (faults, rows checked, rows lost) for docs/reliability.md, when asked to."""
-    if FIGURES != Path("/dev/null"):
-        with FIGURES.open("a") as f:
-            f.write(json.dumps({"test": name, **figures}) + "\n")
 
 
 @pytest.mark.slow
