@@ -204,3 +204,13 @@ def test_links_outside_the_tables_are_skipped_not_followed(tmp_path, capsys):
     (wandb / "latest-run").symlink_to("..")  # as W&B makes them: a loop back to the run directory
     assert main(["inspect", "--json", loc.path]) == 0
     assert json.loads(capsys.readouterr().out)["total_bytes"] == before
+
+
+def test_a_damaged_commit_record_is_named(tmp_path, capsys):
+    loc = make_run(tmp_path, world=1)
+    write_steps(loc, 0, range(2))
+    record = Path(loc.path, "commits", "rank=0", "attempt-000.json")
+    record.write_text('{"rank": 0, "attempt": 0')
+    with pytest.raises(StoreError, match=rf"commit record {record} is damaged"):
+        open_run(loc.path)
+    assert str(record) in cli_error(capsys, "inspect", loc.path)
