@@ -273,6 +273,11 @@ class ProgramModule(nn.Module):
         self.gm = gm
         self.names = list(layers)
 
+    def train(self, mode: bool = True) -> "ProgramModule":
+        # the program was exported in eval mode; an exported module refuses train()/eval()
+        self.training = mode
+        return self
+
     def forward(self, x: torch.Tensor) -> Any:
         return self.gm(x)[0]
 
