@@ -9,8 +9,11 @@ the analyzers on any machine or Ray worker without the user's code:
     ``nn.Linear`` and ReLU / LeakyReLU / PReLU modules (see :mod:`dynatrack.analysis.chain`:
     per step the ``state_dict`` keys of its weights and biases, the activation kind and
     slope, the activation module's name), else ``{"status": "unsupported", "reason"}``.
-    ``program`` is ``{"status": "ok", "outputs", "state_keys", "constants"}`` when
-    ``torch.export`` could export the model, else ``{"status": "failed", "reason"}``.
+    ``program`` is ``{"status": "ok", "outputs", "state", "constants"}`` when
+    ``torch.export`` could export the model (``state``: the program's parameter and buffer
+    names -> checkpoint keys), else ``{"status": "failed", "reason"}``.
+    Submodules compiled with ``torch.compile`` are described through their original
+    module (never compiled here); keys keep the ``_orig_mod`` that the checkpoints hold.
 ``model/program.json``
     The exported graph of ``x -> (model output, pre-activation of each recorded layer)``
     (``torch.export`` serialization, the graph only: no weights, no pickle, metadata such
@@ -34,11 +37,12 @@ directory is imported.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -113,17 +117,58 @@ def describe_model(
     forward = forward or (lambda m, x: m(x))
     desc: dict[str, Any] = {"format": FORMAT, "input_shape": [int(s) for s in input_shape], "layers": list(layers)}
     files: dict[str, bytes] = {}
-    try:
-        desc["chain"] = {"status": "ok", "steps": describe_chain(module, list(input_shape), forward=forward)}
-    except (UnsupportedModelError, ValueError, RuntimeError) as exc:
-        desc["chain"] = {"status": "unsupported", "reason": _one_line(exc)}
-    try:
-        program, files = _export(module, layers, input_shape, forward)
-        desc["program"] = {"status": "ok", **program}
-    except Exception as exc:  # noqa: BLE001 - any export failure is recorded, never fatal to the fit
-        desc["program"] = {"status": "failed", "reason": f"torch.export failed: {type(exc).__name__}: {_one_line(exc)}"}
-        files = {}
+    with _uncompiled(module) as actual:
+        try:
+            steps = describe_chain(module, list(input_shape), forward=forward)
+            desc["chain"] = {"status": "ok", "steps": [_rename_step(step, actual) for step in steps]}
+        except (UnsupportedModelError, ValueError, RuntimeError) as exc:
+            desc["chain"] = {"status": "unsupported", "reason": _one_line(exc)}
+        try:
+            program, files = _export(module, layers, input_shape, forward, actual)
+            desc["program"] = {"status": "ok", **program}
+        except Exception as exc:  # noqa: BLE001 - any export failure is recorded, never fatal to the fit
+            desc["program"] = {"status": "failed",
+                               "reason": f"torch.export failed: {type(exc).__name__}: {_one_line(exc)}"}
+            files = {}
     return desc, files
+
+
+@contextlib.contextmanager
+def _uncompiled(module: nn.Module) -> Iterator[Callable[[str], str]]:
+    """Swap each ``torch.compile``d submodule for its original module while describing.
+
+    Yields ``actual(name)``: a module or parameter name of the swapped view -> the name in
+    ``module.named_modules()`` / ``state_dict()`` (``<path>._orig_mod.<rest>``).
+    """
+    compiled = [(name, m) for name, m in module.named_modules()
+                if name and isinstance(getattr(m, "_orig_mod", None), nn.Module)]
+    swapped: list[tuple[str, nn.Module, str, nn.Module]] = []  # (path, parent, attribute, compiled module)
+    for name, m in compiled:
+        if any(name.startswith(p + ".") for p, _, _, _ in swapped):
+            continue  # inside a module already swapped
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        parent._modules[child] = m._orig_mod
+        swapped.append((name, parent, child, m))
+    paths = sorted((p for p, _, _, _ in swapped), key=len, reverse=True)
+
+    def actual(name: str) -> str:
+        for p in paths:
+            if name == p or name.startswith(p + "."):
+                return f"{p}._orig_mod{name[len(p):]}"
+        return name
+
+    try:
+        yield actual
+    finally:
+        for _, parent, child, m in swapped:
+            parent._modules[child] = m
+
+
+def _rename_step(step: dict[str, Any], actual: Callable[[str], str]) -> dict[str, Any]:
+    linears = [{k: (actual(v) if isinstance(v, str) else v) for k, v in lin.items()} for lin in step["linears"]]
+    return {**step, "name": actual(step["name"]), "linears": linears,
+            "slope_key": actual(step["slope_key"]) if step["slope_key"] else None}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -132,14 +177,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _export(
-    module: nn.Module, layers: Sequence[str], input_shape: Sequence[int], forward: Callable[[nn.Module, torch.Tensor], Any]
+    module: nn.Module, layers: Sequence[str], input_shape: Sequence[int], forward: Callable[[nn.Module, torch.Tensor], Any],
+    actual: Callable[[str], str],
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     from torch._export.serde.serialize import serialize
 
     param = next(module.parameters(), None)
     x = torch.zeros((2, *input_shape), dtype=param.dtype if param is not None and param.is_floating_point()
                     else torch.float32, device=param.device if param is not None else "cpu")
-    tap = _Tap(module, layers, forward)
+    tap = _Tap(module, [layer.replace("._orig_mod", "") for layer in layers], forward)
     modes = {id(m): m.training for m in module.modules()}
     try:
         module.eval()
@@ -164,8 +210,8 @@ def _export(
         buf = io.BytesIO()
         torch.save(constants, buf)
         files[CONSTANTS] = buf.getvalue()
-    state_keys = [k[len(_PREFIX):] for k in ep.state_dict]
-    return {"outputs": ["output", *layers], "state_keys": state_keys, "constants": sorted(constants)}, files
+    state = {k: actual(k[len(_PREFIX):]) for k in ep.state_dict}
+    return {"outputs": ["output", *layers], "state": state, "constants": sorted(constants)}, files
 
 
 def write_model_description(
@@ -262,6 +308,18 @@ def _check_graph(graph: Any, where: str = "program") -> None:
     walk(graph)
 
 
+def _to_cpu(o: Any) -> None:
+    if isinstance(o, dict):
+        for k, v in o.items():
+            if k in ("device", "as_device") and isinstance(v, dict) and "type" in v:
+                v["type"], v["index"] = "cpu", None
+            else:
+                _to_cpu(v)
+    elif isinstance(o, list):
+        for v in o:
+            _to_cpu(v)
+
+
 class ProgramModule(nn.Module):
     """A stored program with a checkpoint's parameters: ``forward(x)`` is the model's output.
 
@@ -303,15 +361,17 @@ def program_module(loc: RunLocation, desc: Mapping[str, Any], state_dict: Mappin
     except (ValueError, OSError) as exc:
         raise ModelDescriptionError(f"{loc.join(PROGRAM)} cannot be read: {exc}") from exc
     _check_graph(graph, loc.join(PROGRAM))
-    missing = [k for k in program.get("state_keys", []) if k not in state_dict]
+    _to_cpu(graph)  # analysis runs on CPU whatever the device the model was recorded on
+    names = program.get("state") or {}
+    missing = [k for k in names.values() if k not in state_dict]
     if missing:
         raise ModelDescriptionError(f"the checkpoint lacks {missing[:5]} that the stored program of {loc.uri} needs")
     specs = graph["graph_module"].get("signature", {}).get("input_specs", [])
     params = {spec["parameter"].get("parameter_name") for spec in specs if isinstance(spec, dict) and "parameter" in spec}
     weights = {}
-    for k in program.get("state_keys", []):
-        v = state_dict[k].detach()
-        weights[_PREFIX + k] = nn.Parameter(v, requires_grad=False) if _PREFIX + k in params else v
+    for name, key in names.items():
+        v = state_dict[key].detach().cpu()
+        weights[name] = nn.Parameter(v, requires_grad=False) if name in params else v
     constants: dict[str, torch.Tensor] = {}
     if program.get("constants"):
         constants = torch.load(io.BytesIO(loc.read_bytes(CONSTANTS)), map_location="cpu", weights_only=True)

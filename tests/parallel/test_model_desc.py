@@ -324,3 +324,60 @@ def test_cnn_and_gelu_skip_regions_with_reason_in_terminal_log_and_wandb(tmp_pat
         summary = read_offline_run(wandb_runs[-1])["summary"]
         assert summary["skipped/regions"] == reason
         assert any(k.startswith("local_complexity/") for k in summary)
+
+
+# -- what is recorded: compiled submodules, other devices, models that cannot be exported ---------------------
+
+
+def test_compiled_submodule_is_described_through_its_original_module(tmp_path) -> None:  # noqa: ANN001
+    from dynatrack.analysis.chain import ChainModule, chain_layers
+    from dynatrack.store.fs import RunLocation
+    from dynatrack.store.model_desc import write_model_description
+
+    model = TinyNet()
+    compiled = torch.compile(model.net)
+    model.net = compiled
+    loc = RunLocation.from_run_dir(str(tmp_path / "run"))
+    loc.mkdir()
+    desc = write_model_description(loc, model, layers=["net._orig_mod.1", "net._orig_mod.3"], input_shape=[5])
+    assert model.net is compiled  # put back
+    assert desc["chain"]["status"] == "ok" and desc["program"]["status"] == "ok"
+    state = model.state_dict()  # what checkpoints hold: keys with _orig_mod
+    want = reg.piecewise_linear_layers(compiled._orig_mod, 5)
+    got = chain_layers(desc["chain"]["steps"], state)
+    assert [layer.name for layer in got] == ["net._orig_mod.1", "net._orig_mod.3", "net._orig_mod.4"]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.weight, b.weight)
+    # the program, as if recorded on a GPU: its device fields say cuda; it runs on the CPU
+    Path(loc.join(PROGRAM)).write_text(Path(loc.join(PROGRAM)).read_text().replace('"type": "cpu"', '"type": "cuda"'))
+    x = torch.randn(9, 5)
+    with torch.no_grad():
+        z = compiled._orig_mod[0](x)
+    assert torch.equal(program_module(loc, desc, state).preactivations(x)["net._orig_mod.1"], z)
+    assert torch.equal(ChainModule(desc["chain"]["steps"], state).preactivations(x)["net._orig_mod.1"], z)
+
+
+class DataDependent(TinyNet):
+    """Python control flow on tensor values: torch.export cannot export it, nor is it a chain."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out if float(x.sum()) > 0 else 2 * out
+
+
+def test_a_model_that_cannot_be_exported_is_recorded_with_the_reason_and_one_warning(tmp_path, caplog) -> None:  # noqa: ANN001
+    x, y = make_data(64)
+    with caplog.at_level(logging.WARNING, logger="dynatrack"):
+        run_dir = _fit(DataDependent(), tmp_path, "dd", x, y, steps=2)
+    run = open_run(run_dir)
+    assert run.checkpoint_steps() == [0, 2]  # the fit went on
+    desc = read_model_description(run.loc)
+    assert desc["program"]["status"] == "failed" and desc["program"]["reason"].startswith("torch.export failed")
+    assert desc["chain"]["status"] == "unsupported" and "does not reproduce" in desc["chain"]["reason"]
+    mine = [r for r in caplog.records if r.name.startswith("dynatrack.store.model_desc")]
+    assert len(mine) == 1 and "--trust-model-code" in mine[0].getMessage()
+    assert not Path(run_dir, PROGRAM).exists()
+    with pytest.raises(ModelUnavailableError, match="not exported"):
+        load_model(run, 0)
+    model = load_model(run, 2, trust_model_code=True)  # the opt-in imports the class (importable here)
+    assert isinstance(model, DataDependent)
