@@ -187,13 +187,22 @@ def _export(
                     else torch.float32, device=param.device if param is not None else "cpu")
     tap = _Tap(module, [layer.replace("._orig_mod", "") for layer in layers], forward)
     modes = {id(m): m.training for m in module.modules()}
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    noise = io.StringIO()
     try:
         module.eval()
-        batch = torch.export.Dim("batch", min=1)
-        ep = torch.export.export(tap, (x,), dynamic_shapes=({0: batch},), strict=False)
+        # a failed export prints its partial graph to stderr and logs warnings: the reason is kept instead
+        torch_log.setLevel(logging.ERROR)
+        with contextlib.redirect_stderr(noise):
+            batch = torch.export.Dim("batch", min=1)
+            ep = torch.export.export(tap, (x,), dynamic_shapes=({0: batch},), strict=False)
     finally:
+        torch_log.setLevel(level)
         for m in module.modules():
             m.train(modes[id(m)])
+        if noise.getvalue():
+            log.debug("torch.export printed:\n%s", noise.getvalue())
     constants = {}
     for k, v in ep.constants.items():
         if not isinstance(v, torch.Tensor):
