@@ -311,13 +311,14 @@ def load_model(run: Run, step: int, *, trust_model_code: bool = False) -> Any:
     2. else the stored ``torch.export`` program (:class:`dynatrack.store.model_desc.ProgramModule`);
     3. else, only with ``trust_model_code=True``, ``manifest.model.class_path(**init_args)``.
 
-    ``model(x)`` gives the model's output for inputs shaped like the probe's; every
-    returned module also has ``model.preactivations(x) -> {recorded layer: z [n, width]}``
-    (hooks on the named modules for the imported class; see :func:`preactivations`).
-    Raises :class:`ModelUnavailableError` (saying what to do) when none of these is available.
+    ``model(x)`` gives the model's output for inputs shaped like the probe's;
+    ``preactivations(model, layers)(x)`` gives ``{recorded layer: z [n, width]}`` for any of
+    the three (the stored ones compute them, the imported class gets hooks).
+    Raises :class:`ModelUnavailableError` (saying what to do) when none of these is available,
+    :class:`~dynatrack.store.model_desc.ModelDescriptionError` for a stored program it refuses.
 
     >>> model = load_model(open_run("runs/<run_id>"), 100)      # doctest: +SKIP
-    >>> logits = model(x); z = model.preactivations(x)         # doctest: +SKIP
+    >>> logits, z = model(x), preactivations(model, ["net.1"])(x)   # doctest: +SKIP
     """
     from dynatrack.analysis.chain import ChainModule
 
