@@ -389,38 +389,43 @@ def _input_shape(run: Run) -> list[int]:
     return list(desc_shape) if desc_shape else [1]
 
 
-def weight_analyzers_support(run: Run, analyzers: Sequence[str], step: int, *, trust_model_code: bool = False) -> dict[str, str]:
-    """``{analyzer: reason}`` for each weight analyzer in ``analyzers`` that cannot run on this model.
+# What each analyzer needs of the model: "chain" (the affine/activation chain: exact region
+# geometry) or "model" (any forward with pre-activations). An analyzer listed here is skipped
+# with the reason when its need cannot be met; add new weight analyzers here.
+MODEL_NEEDS: dict[str, str] = {"regions": "chain", "local_complexity": "model"}
 
-    Called before Ray starts. Raises :class:`ModelUnavailableError` (what to do) when the
-    run has no description and ``trust_model_code`` is off.
+
+def weight_analyzers_support(run: Run, analyzers: Sequence[str], step: int, *, trust_model_code: bool = False) -> dict[str, str]:
+    """``{analyzer: reason}`` for each analyzer of :data:`MODEL_NEEDS` in ``analyzers`` that cannot run on this model.
+
+    Called before Ray starts (loads the checkpoint of ``step`` once per need). Raises
+    :class:`ModelUnavailableError` (what to do) when the run has no description and
+    ``trust_model_code`` is off.
     """
     from dynatrack.analysis import regions as reg
+    from dynatrack.store.model_desc import ModelDescriptionError
 
-    wanted = [a for a in analyzers if a in ("regions", "local_complexity")]
+    wanted = [a for a in analyzers if a in MODEL_NEEDS]
     if not wanted:
         return {}
-    desc = _description(run)
-    if desc is None and not trust_model_code:
+    if _description(run) is None and not trust_model_code:
         raise _no_model_error(run, f"the analyzers {wanted}")
-    skipped: dict[str, str] = {}
-    if "regions" in wanted:
+    reasons: dict[str, str | None] = {}
+    if any(MODEL_NEEDS[a] == "chain" for a in wanted):
         try:
             region_chain(run, step, trust_model_code=trust_model_code)
+            reasons["chain"] = None
         except reg.UnsupportedModelError as exc:
-            skipped["regions"] = f"the model is not a chain of Linear and ReLU-family modules: {exc}"
-    if "local_complexity" in wanted:
-        from dynatrack.store.model_desc import ModelDescriptionError
-
+            reasons["chain"] = f"the model is not a chain of Linear and ReLU-family modules: {exc}"
+    if any(MODEL_NEEDS[a] == "model" for a in wanted):
         try:
             load_model(run, step, trust_model_code=trust_model_code)
-        except ModelUnavailableError as exc:
-            skipped["local_complexity"] = str(exc)
+            reasons["model"] = None
+        except (ModelUnavailableError, reg.UnsupportedModelError) as exc:
+            reasons["model"] = str(exc)
         except ModelDescriptionError as exc:
-            skipped["local_complexity"] = f"the stored model is refused: {exc}"
-        except reg.UnsupportedModelError as exc:
-            skipped["local_complexity"] = str(exc)
-    return skipped
+            reasons["model"] = f"the stored model is refused: {exc}"
+    return {a: reasons[MODEL_NEEDS[a]] for a in wanted if reasons[MODEL_NEEDS[a]]}  # type: ignore[misc]
 
 
 def _probe_points(run: Run, split: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

@@ -339,6 +339,11 @@ class ProgramModule(nn.Module):
         super().__init__()
         self.gm = gm
         self.names = list(layers)
+        first = next((p for p in gm.parameters() if p.is_floating_point()), None)
+        self._dtype = first.dtype if first is not None else None  # inputs in the weights' dtype (bf16 runs)
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self._dtype) if self._dtype is not None and x.is_floating_point() else x
 
     def train(self, mode: bool = True) -> "ProgramModule":
         # the program was exported in eval mode; an exported module refuses train()/eval()
@@ -346,11 +351,11 @@ class ProgramModule(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> Any:
-        return self.gm(x)[0]
+        return self.gm(self._cast(x))[0]
 
     def preactivations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            out = self.gm(x)
+            out = self.gm(self._cast(x))
         return dict(zip(self.names, out[1:]))
 
 

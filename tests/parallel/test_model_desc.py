@@ -381,3 +381,21 @@ def test_a_model_that_cannot_be_exported_is_recorded_with_the_reason_and_one_war
         load_model(run, 0)
     model = load_model(run, 2, trust_model_code=True)  # the opt-in imports the class (importable here)
     assert isinstance(model, DataDependent)
+
+
+def test_bf16_model_is_described_and_computes_in_bf16(tmp_path) -> None:  # noqa: ANN001
+    from dynatrack.analysis.chain import ChainModule
+    from dynatrack.store.fs import RunLocation
+    from dynatrack.store.model_desc import write_model_description
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).to(torch.bfloat16)
+    loc = RunLocation.from_run_dir(str(tmp_path / "run"))
+    loc.mkdir()
+    desc = write_model_description(loc, model, layers=["1"], input_shape=[4])
+    assert desc["chain"]["status"] == "ok" and desc["program"]["status"] == "ok"
+    x = torch.randn(16, 4)  # probe inputs are stored as float32
+    with torch.no_grad():
+        z = model[0](x.to(torch.bfloat16))
+    assert torch.equal(ChainModule(desc["chain"]["steps"], model.state_dict()).preactivations(x)["1"], z)
+    assert torch.equal(program_module(loc, desc, model.state_dict()).preactivations(x)["1"], z)
