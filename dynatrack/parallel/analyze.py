@@ -82,8 +82,12 @@ def analyze_run(
             respected), or an existing cluster (``"auto"``, ``host:port``).
         tasks_per_cpu: step ranges per available CPU (load balance vs. overhead).
 
-    Returns the result tables by name (also written to ``<run>/analysis/``).
-    Checks the run, the requested steps and the checkpoints before starting Ray.
+    Returns the result tables by name (also written to ``<run>/analysis/``), with
+    ``"skipped"``: one row ``(analyzer, reason)`` per analyzer that does not apply to the
+    model (regions on a CNN); the others run. Weight analyses rebuild the model from the
+    run's stored description (``model/``); ``config.trust_model_code`` allows importing the
+    class the manifest names where none is usable.
+    Checks the run, the requested steps, the checkpoints and the model before starting Ray.
     """
     cfg = config or AnalyzeConfig()
     run = open_run(run_dir)
@@ -100,6 +104,21 @@ def analyze_run(
             run.probe_inputs(cfg.split)  # and on a run without the stored probe split
     for name, reason in skipped.items():
         log.warning("analyzer %s skipped for %s: %s", name, run.run_id, reason)
+    parts = _run_tasks(run, cfg, address, num_cpus, tasks_per_cpu, progress, recorded, pattern_steps,
+                       weight_kinds if weight_steps else [], weight_steps)
+    results = _concat(parts)
+    results[SKIPPED] = pa.table({"analyzer": list(skipped), "reason": list(skipped.values())}, schema=SKIPPED_SCHEMA)
+    for name, table in results.items():
+        write_analysis(run, name, table)
+    return results
+
+
+def _run_tasks(
+    run: Run, cfg: AnalyzeConfig, address: str | None, num_cpus: int | None, tasks_per_cpu: int, progress: bool,
+    recorded: list[int], pattern_steps: list[int], weight_kinds: list[str], weight_steps: list[int],
+) -> list[dict[str, pa.Table]]:
+    if not ("patterns" in cfg.analyzers and pattern_steps) and not weight_kinds:
+        return []  # every analyzer asked for was skipped: no Ray to start
     with ray_session(address, num_cpus=num_cpus):
         import ray
 
@@ -120,12 +139,7 @@ def analyze_run(
             cfg_dict = cfg.to_dict()
             for chunk in plan_step_ranges(weight_steps, n_tasks):
                 refs.append(weights_fn.remote(run.path, chunk, cfg_dict, weight_kinds))
-        parts = _gather(refs, progress)
-    results = _concat(parts)
-    results[SKIPPED] = pa.table({"analyzer": list(skipped), "reason": list(skipped.values())}, schema=SKIPPED_SCHEMA)
-    for name, table in results.items():
-        write_analysis(run, name, table)
-    return results
+        return _gather(refs, progress)
 
 
 SKIPPED = "skipped"  # results[SKIPPED]: one row per analyzer that did not apply to the model, with the reason

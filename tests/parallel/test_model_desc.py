@@ -381,6 +381,12 @@ def test_a_model_that_cannot_be_exported_is_recorded_with_the_reason_and_one_war
         load_model(run, 0)
     model = load_model(run, 2, trust_model_code=True)  # the opt-in imports the class (importable here)
     assert isinstance(model, DataDependent)
+    # both weight analyzers skipped, each with its reason (no Ray needed for nothing to do)
+    results = analyze_run(run_dir, config=AnalyzeConfig(analyzers=("regions", "local_complexity"), **CFG),
+                          progress=False)
+    skipped = skipped_analyzers(results)
+    assert "does not reproduce" in skipped["regions"] and "torch.export failed" in skipped["local_complexity"]
+    assert set(results) == {"skipped"}
 
 
 def test_bf16_model_is_described_and_computes_in_bf16(tmp_path) -> None:  # noqa: ANN001
