@@ -69,6 +69,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         cfg.__post_init__()
     if args.steps:
         cfg = replace(cfg, steps=tuple(int(s) for s in args.steps.split(",")))
+    if args.trust_model_code:
+        cfg = replace(cfg, trust_model_code=True)
     analyze_and_report(
         args.run_dir,
         config=cfg,
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W&B mode (default offline)")
     p.add_argument("--project", default=None, help="W&B project (default dynatrack)")
     p.add_argument("--group", default=None, help="W&B group (experiment name)")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="where the run stores no usable model description, import and call the model class its "
+                        "manifest names (runs code from the run directory: only for runs you trust)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("inspect", help="print what a run directory holds")
