@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dynatrack.parallel import early
 from dynatrack.parallel.cluster import ray_session
 from dynatrack.parallel.tasks import NETWORK, AnalyzeConfig, pattern_task, weights_task
 from dynatrack.store.fs import RunLocation
@@ -88,7 +89,8 @@ def analyze_run(
     cfg = config or AnalyzeConfig()
     run = open_run(run_dir)
     recorded = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
-    pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded)
+    early_plan = early.plan(run, cfg)  # partitions, early_stage: skipped with a reason when they do not apply
+    pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded, bool(early_plan.partition_steps or early_plan.early_steps))
     weight_kinds = [a for a in cfg.analyzers if a in ("regions", "local_complexity")]
     if weight_kinds and weight_steps:
         from dynatrack.parallel.tasks import build_model
@@ -122,14 +124,15 @@ def analyze_run(
             cfg_dict = cfg.to_dict()
             for chunk in plan_step_ranges(weight_steps, n_tasks):
                 refs.append(weights_fn.remote(run.path, chunk, cfg_dict, weight_kinds))
+        refs += early.submit(run, cfg, early_plan, n_tasks)
         parts = _gather(refs, progress)
-    results = _concat(parts)
+    results = early.finish(run, cfg, _concat(parts))
     for name, table in results.items():
         write_analysis(run, name, table)
     return results
 
 
-def _steps_to_analyze(run: Run, cfg: AnalyzeConfig, recorded: list[int]) -> tuple[list[int], list[int]]:
+def _steps_to_analyze(run: Run, cfg: AnalyzeConfig, recorded: list[int], others: bool = False) -> tuple[list[int], list[int]]:
     pattern_steps = list(recorded) if "patterns" in cfg.analyzers else []
     ckpt_steps = run.checkpoint_steps()
     weight_steps = ckpt_steps if any(a in cfg.analyzers for a in ("regions", "local_complexity")) else []
@@ -148,7 +151,7 @@ def _steps_to_analyze(run: Run, cfg: AnalyzeConfig, recorded: list[int]) -> tupl
                     "region and local-complexity analyses need the weights of every requested step"
                 )
             weight_steps = wanted
-    if not pattern_steps and not weight_steps:
+    if not pattern_steps and not weight_steps and not others:
         raise RunError(f"run {run.path!r} has nothing to analyze for {list(cfg.analyzers)} "
                        "(no probe patterns and no checkpoints)")
     return pattern_steps, weight_steps
@@ -243,6 +246,7 @@ def wandb_views(results: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], dict
             "mean": pc.divide(pc.cast(t.column("lc_sum"), pa.float64()), pc.cast(t.column("n_samples"), pa.float64())),
         })
         dims["local_complexity"] = ["layer", "radius"]
+    early.wandb_views(results, views, dims)
     return views, dims, summaries
 
 
