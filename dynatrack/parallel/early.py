@@ -340,7 +340,7 @@ def early_task(run_dir: str, steps: Sequence[int], config: dict[str, Any]) -> di
         _add(rows, step=step, split=config["split"], loss_fn=loss, n_samples=len(ids), loss=full_loss,
              grad_norm_sq=float(grad @ grad), grad_out_sq=b.grad_out_sq, grad_hidden_sq=b.grad_hidden_sq,
              lb_total=b.lb_total, lb_partition=b.lb_partition, lb_mu=b.lb_mu, mu=b.mu, n_vacuous=b.n_vacuous,
-             beta=beta, lr=lr, g_dot_delta=g_dot, delta_sq=delta_sq, gd_residual=resid, kink=kink,
+             beta=beta, lr=lr if np.isfinite(lr) else None, g_dot_delta=g_dot, delta_sq=delta_sq, gd_residual=resid, kink=kink,
              pattern_source=source, pattern_mismatch=mismatch, scope=_scope(layers))
     return {"early_stage": pa.table(rows, schema=EARLY_STAGE)}
 
@@ -391,7 +391,7 @@ def finish_early(run: Run, table: pa.Table, *, early_loss_ratio: float = 0.5) ->
     batch = _step_means(run, "loss")
     out = t.append_column("batch_loss", pa.array([batch.get(int(s)) for s in steps], pa.float64()))
     for name in CHAIN_COLUMNS[1:]:
-        out = out.append_column(name, pa.array(getattr(ch, name), pa.float64()))
+        out = out.append_column(name, pa.array(getattr(ch, name), pa.float64(), from_pandas=True))  # nan -> null
     viol: dict[str, list[Any]] = {k: [] for k in VIOLATIONS.names}
     for i in range(len(steps) - 1):
         if steps[i + 1] != steps[i] + 1:
