@@ -90,6 +90,8 @@ def analyze_run(
     run = open_run(run_dir)
     recorded = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
     early_plan = early.plan(run, cfg)  # partitions, early_stage: skipped with a reason when they do not apply
+    if set(cfg.analyzers) <= set(early_plan.skipped):
+        raise RunError("; ".join(f"{k} does not apply: {v}" for k, v in early_plan.skipped.items()))
     pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded, bool(early_plan.partition_steps or early_plan.early_steps))
     weight_kinds = [a for a in cfg.analyzers if a in ("regions", "local_complexity")]
     if weight_kinds and weight_steps:
@@ -294,6 +296,7 @@ def summary_rows(results: dict[str, pa.Table]) -> list[dict[str, Any]]:
         for step, r, s, n in zip(*(g.column(c).to_pylist() for c in ("step", "radius", "lc_sum_sum", "n_samples_max"))):
             if r == rmax:
                 by_step.setdefault(step, {})[f"LC r={r:g}"] = round(s / n, 2) if n else None
+    early.summary_rows(results, by_step)
     return [{"step": s, **v} for s, v in sorted(by_step.items())]
 
 

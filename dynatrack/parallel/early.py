@@ -323,6 +323,8 @@ def early_task(run_dir: str, steps: Sequence[int], config: dict[str, Any]) -> di
             mask, source, mismatch = z > 0, "recomputed", 0
         else:
             mismatch = int((mask != (z > 0)).sum())
+            if mismatch:  # float32 recording vs. this float64 forward disagree on a sign near 0: use the
+                mask, source = z > 0, "recomputed"  # float64 one, the pattern autograd's gradient has
         b = es.gradient_bounds(view, mask, labels, loss)
         full_loss, grad = es.full_gradient(layers, x, labels, loss)
         beta = es.hessian_top_eigenvalue(layers, x, labels, loss, iters=config["beta_iters"], seed=config["seed"])
@@ -500,6 +502,15 @@ def wandb_views(results: dict[str, pa.Table], views: dict[str, pa.Table], dims: 
         v = v.append_column("grad_sq_over_loss", pc.divide(t.column("grad_norm_sq"), t.column("loss")))
         views["early_stage"] = v
         dims["early_stage"] = []
+
+
+def summary_rows(results: dict[str, pa.Table], by_step: dict[int, dict[str, Any]]) -> None:
+    """Per-step columns of the printed summary: probe loss, ||∇L||², μ_t, β (early_stage)."""
+    if "early_stage" in results:
+        for r in results["early_stage"].to_pylist():
+            row = by_step.setdefault(r["step"], {})
+            row.update({"loss": round(r["loss"], 4), "|∇L|²": float(f"{r['grad_norm_sq']:.3g}"),
+                        "μ_t": float(f"{r['mu']:.3g}"), "β": float(f"{r['beta']:.3g}")})
 
 
 def write_plot(run: Run, name: str, png: bytes) -> str:

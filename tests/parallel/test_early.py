@@ -19,6 +19,7 @@ from dynatrack import PatternRecorder, open_run, schedules
 from dynatrack.models import DigitsMLP
 from dynatrack.parallel import AnalyzeConfig, analyze_run
 from dynatrack.parallel.analyze import analyze_and_report
+from dynatrack.store.fs import StoreError
 from dynatrack.tracking import read_offline_run
 
 EARLY = ("early_stage", "partitions")
@@ -145,6 +146,8 @@ def test_analyzers_that_do_not_apply_skip_with_their_reason(tmp_path, local_ray,
     res = analyze_run(leaky, config=AnalyzeConfig(analyzers=EARLY), progress=False)
     assert "early_stage" not in res and res["partitions"].num_rows  # the other analyzer ran
     assert "early_stage skipped" in caplog.text and "ReLU last hidden layer" in caplog.text
+    with pytest.raises(StoreError, match="early_stage does not apply: .*ReLU last hidden layer"):
+        analyze_run(leaky, config=AnalyzeConfig(analyzers=("early_stage",)), progress=False)  # nothing else to run
 
     caplog.clear()
     deep = record(tmp_path, "deep", hidden=(8, 6), steps=2)
