@@ -13,6 +13,7 @@ analyzer it times ``analyze_run`` on a warm local Ray with 1 CPU (one task) and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir is None:
             from dynatrack.demo import run_demo
 
-            run_demo(root=tmp, steps=args.steps, devices=1, run_name="bench", analyze=False)
+            with contextlib.redirect_stdout(sys.stderr):  # the demo's run summary; stdout is the JSON
+                run_demo(root=tmp, steps=args.steps, devices=1, run_name="bench", analyze=False)
             run_dir = str(Path(tmp) / "bench")
         result: dict[str, object] = {"run": "demo-sized (1 process)" if args.run is None else run_dir,
                                      "repeat": args.repeat}

@@ -45,8 +45,9 @@ an estimate). For an update Δ_t = θ(t+1) - θ(t):
 
 * general (any optimizer): L(t+1) ≤ L(t) + ∇L(t)·Δ_t + (β/2)||Δ_t||²;
 * full-batch GD with step η (Δ_t = -η∇L(t)): L(t+1) ≤ L(t) - η(1 - βη/2)||∇L(t)||²
-  ≤ L(t) - η(1 - βη/2)·lb for any lower bound lb (when ηβ < 2), i.e.
-  L(t+1)/L(t) ≤ 1 - η(1 - βη/2)·lb_mu/L(t).
+  ≤ L(t) - η(1 - βη/2)·lb for any lower bound lb, **only when ηβ < 2** (the coefficient
+  must be positive to replace ||∇L||² by a lower bound), i.e.
+  L(t+1)/L(t) ≤ 1 - η(1 - βη/2)·lb_mu/L(t); for ηβ ≥ 2 this form is undefined (null).
 
 Chaining the one-step bounds over consecutive recorded steps gives the predicted
 upper-bound trajectories of :func:`chain_bounds`; each violation is reported with its
@@ -388,7 +389,7 @@ class Chain:
 
     steps: np.ndarray
     pred_gd: np.ndarray  # L(s0) - Σ c_t ||∇L(t)||² (full-batch GD form)
-    pred_mu: np.ndarray  # L(s0) Π (1 - c_t lb_mu(t)/L(t))
+    pred_mu: np.ndarray  # L(s0) Π (1 - c_t lb_mu(t)/L(t)); nan from the first step with ηβ >= 2
     pred_step: np.ndarray  # L(s0) + Σ (∇L·Δ + β/2 ||Δ||²) (any update)
     ratio_pred_mu: np.ndarray  # 1 - c_t lb_mu(t)/L(t): predicted L(t+1)/L(t) (at t; nan at the last)
     ratio_observed: np.ndarray  # observed L(t+1)/L(t)
@@ -413,11 +414,12 @@ def chain_bounds(
     pred_gd[0] = pred_mu[0] = pred_step[0] = loss[0]
     for i in range(k):
         c = descent_coefficient(float(eta[i]), float(beta[i]))
-        ratio_mu[i] = 1.0 - c * lb_mu[i] / loss[i] if loss[i] > 0 else np.nan
+        # a lower bound may replace ||∇L||² only while c > 0 (ηβ < 2); otherwise the μ form says nothing
+        ratio_mu[i] = 1.0 - c * lb_mu[i] / loss[i] if loss[i] > 0 and c > 0 else np.nan
         if i + 1 < k and steps[i + 1] == steps[i] + 1:
             ratio_obs[i] = loss[i + 1] / loss[i] if loss[i] > 0 else np.nan
             pred_gd[i + 1] = pred_gd[i] - c * grad_sq[i]
-            pred_mu[i + 1] = pred_mu[i] * ratio_mu[i]
+            pred_mu[i + 1] = pred_mu[i] * ratio_mu[i]  # nan from the first step with ηβ >= 2 on
             pred_step[i + 1] = pred_step[i] + g_dot_delta[i] + 0.5 * beta[i] * delta_sq[i]
         elif i + 1 < k:
             break

@@ -400,7 +400,7 @@ def finish_early(run: Run, table: pa.Table, *, early_loss_ratio: float = 0.5) ->
             continue
         L, Ln = col["loss"][i], col["loss"][i + 1]
         c = es.descent_coefficient(col["lr"][i], col["beta"][i])
-        one_step = {"gd": L - c * col["grad_norm_sq"][i], "mu": L * ch.ratio_pred_mu[i],
+        one_step = {"gd": L - c * col["grad_norm_sq"][i], "mu": L * ch.ratio_pred_mu[i],  # mu: nan when ηβ >= 2
                     "step": L + col["g_dot_delta"][i] + 0.5 * col["beta"][i] * col["delta_sq"][i]}
         for kind, bound in one_step.items():
             if np.isfinite(bound) and Ln > bound + 1e-9 * max(abs(L), 1e-12):

@@ -161,6 +161,11 @@ def test_chained_bounds_and_violation_causes():
     np.testing.assert_allclose(ch.pred_mu[:3], [1.0, 1 - c * 0.5, (1 - c * 0.5) * (1 - c * 0.2 / 0.9)])
     np.testing.assert_allclose(ch.pred_step[:3], [1.0, 1 - 0.1 + 0.01, 1 - 0.1 + 0.01 - 0.05 + 0.0025])
     assert np.isnan(ch.pred_gd[3])  # a gap ends the chain
+    # ηβ >= 2: the descent lemma still bounds (an increase), but a lower bound cannot replace ||∇L||²
+    big = es.chain_bounds(steps[:3], loss[:3], np.ones(3), np.full(3, 0.5), np.full(3, 1.0), np.full(3, 2.5),
+                          np.zeros(3), np.zeros(3))
+    assert np.isnan(big.ratio_pred_mu).all() and np.isnan(big.pred_mu[1:]).all()
+    np.testing.assert_allclose(big.pred_gd, [1.0, 1.25, 1.5])
     assert es.early_stage_end(steps, loss, 0.5) == 5 and es.early_stage_end(steps, loss, 0.1) is None
     why = es.violation_causes(eta=1.0, beta_t=3.0, beta_next=4.0, kink=True, gd_residual=0.5, kind="gd")
     assert "kink" in why and "2/β" in why and "not full-batch GD" in why and "β underestimated" in why
