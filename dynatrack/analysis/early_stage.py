@@ -331,7 +331,7 @@ def full_gradient(layers: Sequence[Layer], x: np.ndarray, y: np.ndarray, loss: L
     xt = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
     val = chain_loss(params, [layer.negative_slope for layer in layers], xt, torch.as_tensor(y), loss)
     grads = torch.autograd.grad(val, params)
-    return float(val), torch.cat([g.reshape(-1) for g in grads]).numpy()
+    return float(val.detach()), torch.cat([g.reshape(-1) for g in grads]).numpy()
 
 
 def flat_parameters(layers: Sequence[Layer]) -> np.ndarray:

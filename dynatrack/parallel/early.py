@@ -579,7 +579,7 @@ def plot_early(t: pa.Table) -> bytes:
     ax.plot(s, d["mu"], label="μ_t")
     ax2 = ax.twinx()
     ax2.plot(s, d["beta"], "r", label="β")
-    ax.set_xlabel("step"), ax.set_ylabel("μ_t"), ax2.set_ylabel("β", color="r"), ax.set_title("partition constant, smoothness")
+    ax.set_xlabel("step"), ax.set_ylabel("μ_t"), ax2.set_ylabel("β", color="r"), ax.set_title("μ_t (0 = vacuous bound) and β")
     fig.tight_layout()
     return _png(fig)
 
