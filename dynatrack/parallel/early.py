@@ -536,12 +536,13 @@ def plot_partitions(t: pa.Table, split: str = "train") -> bytes:
     layers = list(dict.fromkeys(t.column("layer").to_pylist()))
     fig, axes = plt.subplots(1, max(1, len(layers)), figsize=(4.2 * max(1, len(layers)), 3.4), squeeze=False)
     rows = t.to_pylist()
+    color = {c: f"C{i % 10}" for i, c in enumerate(sorted({r["partition"] for r in rows}))}  # same in every panel
     for ax, layer in zip(axes[0], layers):
         sub = [r for r in rows if r["layer"] == layer]
         steps = sorted({r["step"] for r in sub})
-        for c in sorted({r["partition"] for r in sub}):
+        for c in color:
             by = {r["step"]: r["n_neurons"] for r in sub if r["partition"] == c}
-            ax.plot([max(s, 0.5) for s in steps], [by.get(s, 0) for s in steps], marker=".", label=c)
+            ax.plot([max(s, 0.5) for s in steps], [by.get(s, 0) for s in steps], marker=".", label=c, color=color[c])
         ax.set_xscale("log")
         ax.set_title(layer)
         ax.set_xlabel("step (0 drawn at 0.5)")
