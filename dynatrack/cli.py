@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML with analysis/ray/wandb sections (configs/analyze.yaml)")
     p.add_argument("--address", default=None, help="Ray cluster ('auto', host:port); default: a local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--analyzers", default=None, help="comma list of patterns,regions,local_complexity")
+    p.add_argument("--analyzers", default=None, help="comma list of patterns,regions,local_complexity,early_stage,partitions")
     p.add_argument("--steps", default=None, help="comma list of steps (default: all recorded)")
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled", "auto"],
                    help="W&B mode (default offline)")

@@ -42,6 +42,12 @@ class AnalyzeConfig:
     # import manifest.model.class_path where the run stores no usable model description:
     # runs code named in the run directory, so only for a run directory you trust
     trust_model_code: bool = False
+    # early_stage (dynatrack/parallel/early.py): the loss the run was trained with, on the probe split
+    loss: str = "cross_entropy"  # cross_entropy | mse (torch mse_loss; one-hot targets when >1 output)
+    beta_iters: int = 30  # power-iteration steps for the smoothness estimate β
+    early_lr: float | None = None  # step size η of the bounds; default: the steps table's lr
+    early_min_samples: int = 32  # smallest probe split that may stand in for the training set
+    early_loss_ratio: float = 0.5  # the early stage ends at the first step with L(t) <= ratio * L(0)
 
     def __post_init__(self) -> None:
         unknown = set(self.analyzers) - set(ANALYZERS)
@@ -50,6 +56,8 @@ class AnalyzeConfig:
         for name in ("n_slices", "n_segments", "boundary_samples", "lc_samples", "lc_directions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"loss must be cross_entropy or mse, got {self.loss!r}")
         if any(not r > 0 for r in self.lc_radii):
             raise ValueError(f"lc_radii must be positive, got {self.lc_radii}")
 
@@ -66,7 +74,7 @@ class AnalyzeConfig:
         return asdict(self)
 
 
-ANALYZERS = ("patterns", "regions", "local_complexity")
+ANALYZERS = ("patterns", "regions", "local_complexity", "early_stage", "partitions")
 
 
 # -- patterns ---------------------------------------------------------------------------

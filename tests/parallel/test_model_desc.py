@@ -30,6 +30,7 @@ from dynatrack.analysis import local_complexity as lcx
 from dynatrack.analysis import regions as reg
 from dynatrack.parallel import AnalyzeConfig, analyze_run
 from dynatrack.parallel.analyze import analyze_and_report, skipped_analyzers
+from dynatrack.store.reader import RunError
 from dynatrack.parallel.tasks import ModelUnavailableError, load_model
 from dynatrack.store.model_desc import PROGRAM, ModelDescriptionError, program_module, read_model_description
 
@@ -381,12 +382,11 @@ def test_a_model_that_cannot_be_exported_is_recorded_with_the_reason_and_one_war
         load_model(run, 0)
     model = load_model(run, 2, trust_model_code=True)  # the opt-in imports the class (importable here)
     assert isinstance(model, DataDependent)
-    # both weight analyzers skipped, each with its reason (no Ray needed for nothing to do)
-    results = analyze_run(run_dir, config=AnalyzeConfig(analyzers=("regions", "local_complexity"), **CFG),
-                          progress=False)
-    skipped = skipped_analyzers(results)
-    assert "does not reproduce" in skipped["regions"] and "torch.export failed" in skipped["local_complexity"]
-    assert set(results) == {"skipped"}
+    # both weight analyzers skipped: nothing asked for applies, so a clear error gives each reason
+    with pytest.raises(RunError) as err:
+        analyze_run(run_dir, config=AnalyzeConfig(analyzers=("regions", "local_complexity"), **CFG), progress=False)
+    assert "regions does not apply" in str(err.value) and "does not reproduce" in str(err.value)
+    assert "local_complexity does not apply" in str(err.value) and "torch.export failed" in str(err.value)
 
 
 def test_bf16_model_is_described_and_computes_in_bf16(tmp_path) -> None:  # noqa: ANN001
