@@ -135,6 +135,48 @@ def cmd_fit(argv: list[str]) -> int:
     return 0
 
 
+def print_sweep(result: dict[str, Any]) -> None:
+    """The sweep summary: one row per trial (status, steps, wall time, final accuracies, error)."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep {Path(result['sweep_dir']).name}")
+    for col in ("trial", "batch", "seed", "budget", "lr", "steps", "status", "wall s", "train acc", "test acc", "error"):
+        table.add_column(col, justify="left" if col in ("trial", "budget", "status", "error") else "right")
+    for t in result["trials"]:
+        metrics: dict[str, Any] = {}
+        info = Path(result["sweep_dir"], t["trial_id"], "trial.json")
+        if t["status"] == "finished" and info.exists():
+            metrics = json.loads(info.read_text()).get("final_metrics") or {}
+        acc = lambda k: "" if metrics.get(k) is None else f"{metrics[k]:.3f}"  # noqa: E731
+        status = t["status"] + (" (kept)" if t["trial_id"] in result["skipped"] else "")
+        table.add_row(t["trial_id"], str(t["batch_size"]), str(t["seed"]), t["budget"], f"{t['lr']:g}",
+                      str(t["max_steps"]), status, "" if t["wall_time_s"] is None else f"{t['wall_time_s']:.1f}",
+                      acc("train_acc"), acc("test_acc"), t["error"] or "")
+    console = Console()
+    console.print(table)
+    n = len(result["trials"])
+    console.print(f"{n - len(result['failed'])}/{n} trials finished ({len(result['ran'])} run now, "
+                  f"{len(result['skipped'])} kept from before); sweep directory {result['sweep_dir']}")
+    if result["failed"]:
+        console.print(f"[red]failed: {', '.join(result['failed'])}[/red]; re-run the same command to retry them")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dynatrack.parallel.sweep import run_sweep
+    from dynatrack.sweep.config import load_config
+
+    cfg = load_config(args.config)
+    if args.root is not None:
+        cfg["root"] = args.root
+    result = run_sweep(cfg, address=args.address, num_cpus=args.num_cpus, wandb_mode=args.wandb)
+    print_sweep(result)
+    return 1 if result["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynatrack", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -165,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default=None, help="W&B project (default dynatrack)")
     p.add_argument("--group", default=None, help="W&B group (experiment name)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("sweep", help="a Ray Tune grid of recorded Ray Train fits over batch sizes and seeds")
+    p.add_argument("--config", required=True, help="sweep YAML (configs/batch_sweep.yaml)")
+    p.add_argument("--address", default=None, help="Ray cluster ('auto', host:port); default: a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--root", default=None, help="override the config's root")
+    p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled", "auto"],
+                   help="W&B mode of the per-trial runs (default: the config's, offline)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("inspect", help="print what a run directory holds")
     p.add_argument("run_dir")
