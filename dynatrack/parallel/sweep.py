@@ -42,6 +42,7 @@ DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 def _train_worker(spec: dict[str, Any]) -> None:
     """One Ray Train worker of a trial: the trial's Lightning fit under ``RayDDPStrategy``."""
+    worker_start = time.time()
     import lightning.pytorch as pl
     import torch
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
@@ -56,10 +57,11 @@ def _train_worker(spec: dict[str, Any]) -> None:
     trainer = pl.Trainer(devices="auto", strategy=RayDDPStrategy(process_group_backend="gloo"),
                          plugins=[RayLightningEnvironment()], callbacks=callbacks, **trainer_options(spec))
     trainer = prepare_trainer(trainer)
-    start = time.perf_counter()
+    start, fit_start = time.perf_counter(), time.time()
     trainer.fit(module, train_dataloaders=loader)
     if trainer.global_rank == 0:
-        write_trial_file(spec, trainer, module, tensors, time.perf_counter() - start)
+        timeline = {"worker_start": worker_start, "fit_start": fit_start, "fit_end": time.time()}
+        write_trial_file(spec, trainer, module, tensors, time.perf_counter() - start, timeline)
 
 
 def _trial_driver(config: dict[str, Any], specs: Mapping[str, dict[str, Any]] | None = None) -> None:
@@ -233,13 +235,14 @@ def _make_callback_class() -> type:
 
             tid = trial.config["trial_id"]
             if tid in self.started and changes.get("status") in ("finished", "failed"):
-                changes["wall_time_s"] = round(time.time() - self.started[tid], 3)
+                now = time.time()
+                changes.update(wall_time_s=round(now - self.started[tid], 3), ended_at=now)
             self.by_id[tid].update(changes)
             write_sweep(self.path, self.manifest)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.started[trial.config["trial_id"]] = time.time()
-            self._update(trial, status="running", error=None)
+            self.started[trial.config["trial_id"]] = now = time.time()
+            self._update(trial, status="running", error=None, started_at=now)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._update(trial, status="finished", error=None)

@@ -191,8 +191,13 @@ def evaluate(module: nn.Module, tensors: Mapping[str, tuple[torch.Tensor, torch.
 
 
 def write_trial_file(spec: Mapping[str, Any], trainer: pl.Trainer, module: nn.Module,
-                     tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], wall_time_s: float) -> dict[str, Any]:
-    """Write ``<run_dir>/trial.json`` (rank 0, after a successful fit): its presence marks the trial finished."""
+                     tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], wall_time_s: float,
+                     timeline: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Write ``<run_dir>/trial.json`` (rank 0, after a successful fit): its presence marks the trial finished.
+
+    ``timeline``: Unix times of this process's milestones (``worker_start``: the worker function
+    entered, ``fit_start``, ``fit_end``), for the overhead breakdown of ``jobs/bench_sweep.py``.
+    """
     metrics = evaluate(module, tensors)
     record = {
         "trial_id": spec["trial_id"],
@@ -203,6 +208,7 @@ def write_trial_file(spec: Mapping[str, Any], trainer: pl.Trainer, module: nn.Mo
         "world_size": int(trainer.world_size), "lr": spec["lr"], "seed": spec["seed"], "budget": spec["budget"],
         "final_metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()},
         "fit_wall_time_s": wall_time_s,
+        "timeline": dict(timeline or {}),
     }
     path = Path(spec["sweep_dir"], spec["trial_id"], TRIAL_FILE)
     tmp = path.with_suffix(".json.tmp")
@@ -217,8 +223,10 @@ def fit_plain(spec: Mapping[str, Any], *, devices: int = 1, strategy: Any = "aut
     import time
 
     torch.set_num_threads(1)
+    worker_start = time.time()
     module, loader, recorder, tensors = build_fit(spec)
     trainer = pl.Trainer(devices=devices, strategy=strategy, callbacks=[recorder], **trainer_options(spec))
-    start = time.perf_counter()
+    start, fit_start = time.perf_counter(), time.time()
     trainer.fit(module, train_dataloaders=loader)
-    return write_trial_file(spec, trainer, module, tensors, time.perf_counter() - start)
+    timeline = {"worker_start": worker_start, "fit_start": fit_start, "fit_end": time.time()}
+    return write_trial_file(spec, trainer, module, tensors, time.perf_counter() - start, timeline)
