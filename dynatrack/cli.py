@@ -78,6 +78,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.single:
+        from dynatrack.sweep.demo import run_sweep_demo
+
+        return run_sweep_demo(root=args.root, name=args.run_name, num_cpus=args.num_cpus)
     from dynatrack.demo import run_demo
 
     return run_demo(root=args.root, steps=args.steps, devices=args.devices, run_name=args.run_name,
@@ -182,13 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train an MLP on digits with 2 CPU DDP ranks, record and summarize")
+    p = sub.add_parser("demo", help="a small batch-size study on digits (sweep + compare); --single: one recorded "
+                                     "DDP run")
     p.add_argument("--root", default="runs", help="runs root (default ./runs)")
     p.add_argument("--run-name", default=None, help="run id (default: a fresh timestamped id)")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
     p.add_argument("--devices", type=int, default=2, help="CPU DDP processes (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-analyze", action="store_true", help="only record, skip the analyzers")
+    p.add_argument("--single", action="store_true",
+                   help="the single recorded DDP run (the default demo is a small batch-size sweep + compare)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the sweep demo's local Ray (default 2)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("fit", help="LightningCLI fit, e.g. dynatrack fit --config configs/digits.yaml",

@@ -161,7 +161,7 @@ def run_sweep(
             tuner = tune.Tuner(
                 tune.with_resources(tune.with_parameters(_trial_driver, specs=specs), DRIVER_RESOURCES),
                 param_space={"trial_id": tune.grid_search(todo)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
                 run_config=tune.RunConfig(name=f"tune-{stamp}", storage_path=str(path / "ray"), verbose=0,
                                           callbacks=[callback]),
             )
