@@ -19,6 +19,8 @@ same sweep skips finished trials and re-runs the rest (see :func:`dynatrack.swee
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import time
@@ -166,7 +168,10 @@ def run_sweep(
                                           callbacks=[callback]),
             )
             t2 = time.perf_counter()
-            grid = tuner.fit()
+            tune_output = io.StringIO()  # Tune prints an experiment banner whatever its verbosity
+            with contextlib.redirect_stdout(tune_output):
+                grid = tuner.fit()
+            log.debug("Ray Tune output:\n%s", tune_output.getvalue())
             timings["tune_fit_s"] = time.perf_counter() - t2
             for result in grid:
                 tid = result.config["trial_id"]

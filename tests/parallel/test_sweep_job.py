@@ -15,6 +15,11 @@ from dynatrack.sweep.data import make_task
 from test_ray_job import RAY, REPO, head  # noqa: F401 - the module-scoped head node fixture
 
 
+# each trial starts fresh Ray Train worker processes (torch + Lightning imports): about 10 s a trial on an idle
+# 2-core machine, minutes on a shared, overloaded one
+pytestmark = pytest.mark.timeout(900)
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_two_trial_sweep(head, tmp_path):  # noqa: F811
     cfg = tmp_path / "sweep.yaml"
