@@ -52,3 +52,10 @@ def test_ray_job_submit_runs_a_two_trial_sweep(head, tmp_path):  # noqa: F811
         assert len(ids) == (len(train) + len(test)) * len(run.widths)
         info = json.loads((sweep / t["trial_id"] / "trial.json").read_text())
         assert info["final_step"] == t["max_steps"] and info["world_size"] == 2
+    # the same sweep again through the CLI against the same cluster: every trial is kept, nothing re-runs
+    env = {**head["env"], "PYTHONPATH": str(REPO)}
+    again = subprocess.run([sys.executable, "-m", "dynatrack.cli", "sweep", "--config", str(cfg), "--address",
+                            head["gcs"]], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2/2 trials finished (0 run now, 2 kept from before)" in " ".join(again.stdout.split())
+    assert json.loads((sweep / "sweep.json").read_text())["trials"] == manifest["trials"]
