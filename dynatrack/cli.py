@@ -189,11 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a small batch-size study on digits (sweep + compare); --single: one recorded "
                                      "DDP run")
     p.add_argument("--root", default="runs", help="runs root (default ./runs)")
-    p.add_argument("--run-name", default=None, help="run id (default: a fresh timestamped id)")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
-    p.add_argument("--devices", type=int, default=2, help="CPU DDP processes (default 2)")
+    p.add_argument("--run-name", default=None, help="run id, or the sweep id (default: a fresh timestamped id)")
+    p.add_argument("--steps", type=int, default=400, help="--single: optimizer steps (default 400)")
+    p.add_argument("--devices", type=int, default=2, help="--single: CPU DDP processes (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-analyze", action="store_true", help="only record, skip the analyzers")
+    p.add_argument("--no-analyze", action="store_true", help="--single: only record, skip the analyzers")
     p.add_argument("--single", action="store_true",
                    help="the single recorded DDP run (the default demo is a small batch-size sweep + compare)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the sweep demo's local Ray (default 2)")

@@ -97,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         row["ray_fixed_s"] = row["wall_s"] - row["fit_s"] - plain[trial["trial_id"]]["outside_fit_s"]
         trials.append({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    # what one fresh Python process pays before it can run a trial (every Ray Train worker is one)
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t2 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import dynatrack.sweep.trial, ray.train.lightning"], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    fresh_import = {"wall_s": round(time.perf_counter() - t2, 3),
+                    "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 3)}
     out = {
         "what": "4-trial sweep on a local Ray (Tune grid of Ray Train fits, 2 CPU workers each) vs the same 4 "
                 "trials as plain one-process Lightning fits back to back, same recorder, same run",
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "ray_fixed_per_trial_s_median": round(statistics.median(t["ray_fixed_s"] for t in trials), 3),
         "ray_fixed_per_trial_s_max": round(max(t["ray_fixed_s"] for t in trials), 3),
         "target_fixed_per_trial_s": 5.0,
+        "fresh_process_import_torch_lightning_dynatrack": fresh_import,
         "trials": trials,
         "failed": result["failed"],
     }
