@@ -217,7 +217,8 @@ def write_trial_file(spec: Mapping[str, Any], trainer: pl.Trainer, module: nn.Mo
     return record
 
 
-def fit_plain(spec: Mapping[str, Any], *, devices: int = 1, strategy: Any = "auto") -> dict[str, Any]:
+def fit_plain(spec: Mapping[str, Any], *, devices: int = 1, strategy: Any = "auto",
+              callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Fit one trial as a plain Lightning fit in this process (no Ray): the reference the Ray Train fit
     is checked against, and the benchmark's baseline. Returns the trial record."""
     import time
@@ -225,7 +226,8 @@ def fit_plain(spec: Mapping[str, Any], *, devices: int = 1, strategy: Any = "aut
     torch.set_num_threads(1)
     worker_start = time.time()
     module, loader, recorder, tensors = build_fit(spec)
-    trainer = pl.Trainer(devices=devices, strategy=strategy, callbacks=[recorder], **trainer_options(spec))
+    trainer = pl.Trainer(devices=devices, strategy=strategy, callbacks=[*(callbacks or []), recorder],
+                         **trainer_options(spec))
     start, fit_start = time.perf_counter(), time.time()
     trainer.fit(module, train_dataloaders=loader)
     timeline = {"worker_start": worker_start, "fit_start": fit_start, "fit_end": time.time()}
