@@ -22,6 +22,7 @@ True
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -373,6 +374,8 @@ def welch_test(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray)
     vx, vz = x.var(ddof=1) / len(x), z.var(ddof=1) / len(z)
     if vx + vz == 0:
         return WelchTest(math.nan, math.nan, math.nan)
-    res = stats.ttest_ind(x, z, equal_var=False)
+    with warnings.catch_warnings():  # "precision loss" for nearly equal values: the NaN/p speaks for itself
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_ind(x, z, equal_var=False)
     df = (vx + vz) ** 2 / (vx**2 / (len(x) - 1) + vz**2 / (len(z) - 1))
     return WelchTest(float(res.statistic), float(res.pvalue), float(df))
