@@ -5,7 +5,8 @@ re-comparison updates it), name = trial id, ``group`` = sweep id, ``job_type="tr
 keys ``batch_size``, ``per_worker_batch``, ``lr``, ``world_size``, ``seed``, ``budget`` (plus
 ``max_steps``, ``sweep_id``); its history is the trial's ``steps`` table (``train/loss``, mean over
 ranks, and ``train/lr`` against ``trainer/step``); its summary the row of ``compare.parquet``
-under ``compare/<metric>``.
+under ``compare/<metric>``. When ``dynatrack sweep`` already logged the trial's run (a run folder
+with its id under ``<sweep>/wandb/``), only the summary values are added to it.
 
 The comparison run (id ``<sweep_id>-compare``, ``job_type="compare"``) holds the tables
 (``tables/compare``, ``tables/by_batch``, ``tables/tests``, ``tables/interpolation``), the plots as
@@ -73,7 +74,10 @@ def log_sweep(
             continue
         tid = t["trial_id"]
         try:
-            history = trial_history(open_run(sweep_dir / tid).steps())
+            # the sweep driver may have logged this trial's run already (history, config): then only
+            # the comparison's summary values are added to it (same id, resume="allow")
+            logged = _has_local_run(wandb_dir, wandb_run_id(f"{sweep_id}-{tid}"))
+            history = [] if logged else trial_history(open_run(sweep_dir / tid).steps())
             summary = {f"compare/{k}": v for k, v in rows.get(tid, {}).items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
             config = {**{k: t[k] for k in CONFIG_KEYS if k in t}, "sweep_id": sweep_id, "trial_id": tid}
@@ -95,6 +99,13 @@ def log_sweep(
         logger.warning("W&B logging of the comparison of %s failed (%s: %s); the Parquet files are unaffected",
                        sweep_id, type(exc).__name__, exc)
     return out
+
+
+def _has_local_run(wandb_dir: Path | None, wb_id: str) -> bool:
+    if wandb_dir is None or not (wandb_dir / "wandb").is_dir():
+        return False
+    return any(p.is_dir() and p.name.endswith(f"-{wb_id}") and p.name.split("-", 1)[0] in ("offline", "run")
+               for p in (wandb_dir / "wandb").iterdir())
 
 
 def _log_run(

@@ -218,19 +218,28 @@ def test_wandb_offline_runs_hold_config_group_history_and_p_values(sweep):
         assert logged[f"tables/{name}._type"] == "table-file" and logged[f"tables/{name}.nrows"] == n
 
 
+@pytest.mark.slow
 def test_rerun_through_the_cli_moves_the_earlier_result(sweep):
     from dynatrack.cli import main
+    from dynatrack.tracking import read_offline_run, wandb_run_id
 
     path = sweep["path"]
     before = pq.read_table(path / "compare.parquet")
     png = (path / "plots" / "interpolation.png").read_bytes()
-    assert main(["compare", str(path), "--wandb", "disabled"]) == 0
+    assert main(["compare", str(path), "--wandb", "offline"]) == 0
     (prev,) = glob.glob(str(path / "previous" / "compare-*.parquet"))
     assert pq.read_table(prev).equals(before)
     (old_plots,) = glob.glob(str(path / "previous" / "plots-*"))
     assert Path(old_plots, "interpolation.png").read_bytes() == png
     # every estimator is seeded: the same sweep gives the same table
     assert pq.read_table(path / "compare.parquet").equals(before)
+    # the trial's W&B run existed: the re-comparison adds summary values to it, not a second history
+    wb_id = wandb_run_id("cmp-test-bs64-s0-epochs")
+    first, second = sorted(glob.glob(str(path / "wandb" / "wandb" / f"offline-run-*-{wb_id}")))
+    again = read_offline_run(second)
+    assert not [h for h in again["history"] if "train/loss" in h]
+    assert again["summary"]["compare/test_acc"] == pytest.approx(
+        next(r["test_acc"] for r in before.to_pylist() if r["trial_id"] == "bs64-s0-epochs"))
 
 
 def test_bad_sweep_directories_are_clear_errors(tmp_path, capsys):
