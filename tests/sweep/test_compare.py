@@ -17,7 +17,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dynatrack.sweep.compare import METRICS, SweepError, compare_sweep
+from dynatrack.sweep.compare import METRICS, compare_sweep
 from dynatrack.sweep.data import make_task
 from dynatrack.sweep.plain import run_plain_sweep
 
