@@ -87,6 +87,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dynatrack.sweep.compare import compare_sweep
+
+    compare_sweep(args.sweep_dir, address=args.address, num_cpus=args.num_cpus, wandb_mode=args.wandb,
+                  project=args.project)
+    return 0
+
+
 def cmd_fit(argv: list[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
@@ -184,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled", "auto"],
                    help="W&B mode of the per-trial runs (default: the config's, offline)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="small- vs large-batch comparison of a sweep: table, plots, W&B group")
+    p.add_argument("sweep_dir", help="the sweep directory, runs/<sweep_id>")
+    p.add_argument("--address", default=None, help="Ray cluster ('auto', host:port); default: a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled", "auto"],
+                   help="W&B mode (default offline, under <sweep>/wandb/)")
+    p.add_argument("--project", default="dynatrack", help="W&B project (default dynatrack)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("inspect", help="print what a run directory holds")
     p.add_argument("run_dir")
