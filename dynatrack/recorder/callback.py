@@ -76,6 +76,7 @@ from dynatrack.store.manifest import (
     read_manifest,
     write_manifest,
 )
+from dynatrack.store.model_desc import write_model_description
 from dynatrack.store.schema import MANIFEST, PROBE, PROBE_DIR
 from dynatrack.store.writer import ShardWriter, WriterError
 
@@ -510,6 +511,9 @@ class PatternRecorder(Callback):
         loc.mkdir()
         self._write_probe(loc)
         write_manifest(loc, wanted, overwrite=False)
+        # what weight analyses need of the model, as data (chain / exported graph); never raises
+        write_model_description(loc, pl_module, layers=list(self._widths),
+                                input_shape=wanted["probe"].get("input_shape") or [], forward=self.probe_forward)
         return 0
 
     def _write_probe(self, loc: RunLocation) -> None:
@@ -533,7 +537,9 @@ class PatternRecorder(Callback):
             )
             buf = io.BytesIO()
             pq.write_table(table, buf, compression="zstd")
-            loc.write_bytes_atomic(f"{PROBE_DIR}/{name}.parquet", buf.getvalue())
+            if not loc.write_bytes_atomic(f"{PROBE_DIR}/{name}.parquet", buf.getvalue()):  # atomic no-replace
+                raise StoreError(f"{loc.uri}/{PROBE_DIR}/{name}.parquet already exists: another fit is creating "
+                                 "this run at the same time. Choose another run_name")
 
     def _schedules(self) -> dict[str, sch.Schedule]:
         return {"probe": self.schedule, "batch": self.batch_schedule, "neurons": self.neuron_schedule,
