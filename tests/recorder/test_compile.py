@@ -13,6 +13,8 @@ from torch.nn import functional as F
 
 from conftest import TinyNet, assert_signs, loader, make_data, trainer
 from dynatrack import PatternRecorder, open_run, schedules
+from dynatrack.analysis.chain import chain_layers
+from dynatrack.store.model_desc import read_model_description
 
 
 @pytest.fixture
@@ -53,6 +55,9 @@ def check_run(run, x: torch.Tensor, steps: int) -> None:  # noqa: ANN001
     assert run.recorded_steps("patterns", source="probe") == list(range(0, steps + 1, 3))
     state = run.checkpoint(4)
     assert set(state) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    # the stored model description names the same layers and checkpoint keys (weight analyses join them)
+    desc = read_model_description(run.loc)
+    assert [layer.name for layer in chain_layers(desc["chain"]["steps"], state)] == ["net.1", "net.3", "net.4"]
     batch = run.patterns(source="batch").to_pandas()
     for step in range(0, steps, 2):
         z = pre_activations(run.checkpoint(step), x)
