@@ -73,6 +73,7 @@ from dynatrack.store.manifest import (
     read_manifest,
     write_manifest,
 )
+from dynatrack.store.model_desc import write_model_description
 from dynatrack.store.schema import MANIFEST, PROBE, PROBE_DIR
 from dynatrack.store.writer import ShardWriter
 
@@ -479,6 +480,9 @@ class PatternRecorder(Callback):
         loc.mkdir()
         self._write_probe(loc)
         write_manifest(loc, wanted, overwrite=False)
+        # what weight analyses need of the model, as data (chain / exported graph); never raises
+        write_model_description(loc, pl_module, layers=list(self._widths),
+                                input_shape=wanted["probe"].get("input_shape") or [], forward=self.probe_forward)
         return 0
 
     def _write_probe(self, loc: RunLocation) -> None:
