@@ -33,6 +33,11 @@ from dynatrack.store.schema import ANALYSIS
 
 log = logging.getLogger(__name__)
 
+TASK_RETRIES = 3
+"""Ray retries of an analysis task whose worker process died (killed, OOM, node lost); the tasks only
+read the run directory and return tables, so a retry computes the same result. An exception raised by
+the task itself is not retried (it would fail again)."""
+
 
 def plan_step_ranges(steps: Sequence[int], n_tasks: int) -> list[list[int]]:
     """Split sorted ``steps`` into at most ``n_tasks`` contiguous, near-equal ranges."""
@@ -134,8 +139,8 @@ def _run_tasks(
         # finished (a warm Ray), which planned tasks for a single CPU
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_tasks = cpus * tasks_per_cpu
-        pattern_fn = ray.remote(num_cpus=1)(pattern_task)
-        weights_fn = ray.remote(num_cpus=1)(weights_task)
+        pattern_fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(pattern_task)
+        weights_fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(weights_task)
         refs: list[Any] = []
         if "patterns" in cfg.analyzers:
             all_steps = recorded
