@@ -293,9 +293,11 @@ def log_results(
     group: str | None = None,
     wandb_dir: str | None = None,
     config: dict[str, Any] | None = None,
+    init_timeout: float | None = None,
 ) -> Any:
     """Log the result tables to W&B (warning on failure; the Parquet files are already written)."""
     from dynatrack.tracking import log_analysis
+    from dynatrack.tracking.wandb_logger import INIT_TIMEOUT
 
     views, dims, summaries = wandb_views(results)
     skipped = {f"{SKIPPED}/{name}": reason for name, reason in skipped_analyzers(results).items()}
@@ -303,7 +305,8 @@ def log_results(
         return None
     return log_analysis(views, dims=dims, run_id=run.run_id, project=project, group=group, mode=mode,  # type: ignore[arg-type]
                         wandb_dir=wandb_dir, config={"run_dir": run.path, **(config or {})},
-                        summary_tables=summaries, summary=skipped)
+                        summary_tables=summaries, summary=skipped,
+                        init_timeout=INIT_TIMEOUT if init_timeout is None else init_timeout)
 
 
 def summary_rows(results: dict[str, pa.Table]) -> list[dict[str, Any]]:
@@ -360,8 +363,14 @@ def analyze_and_report(
     project: str = "dynatrack",
     group: str | None = None,
     wandb_dir: str | None = None,
+    wandb_init_timeout: float | None = None,
 ) -> dict[str, pa.Table]:
-    """:func:`analyze_run`, then W&B logging and a printed summary (what the CLI and the demo do)."""
+    """:func:`analyze_run`, then W&B logging and a printed summary (what the CLI and the demo do).
+
+    The Parquet results are written before W&B is contacted; a W&B failure (an unreachable server
+    online gives up after ``wandb_init_timeout`` seconds, default 30) is one warning and the results
+    are returned as usual.
+    """
     from rich.console import Console
 
     from dynatrack.tracking import resolve_mode
@@ -379,7 +388,7 @@ def analyze_and_report(
         console.print(f"skipped {name}: {reason}", markup=False)
     res = log_results(run, results, mode=wandb_mode, project=project, group=group,
                       wandb_dir=wandb_dir or run.loc.join(ANALYSIS, "wandb") if _is_local(run) else wandb_dir,
-                      config=(config or AnalyzeConfig()).to_dict())
+                      config=(config or AnalyzeConfig()).to_dict(), init_timeout=wandb_init_timeout)
     if res is not None:
         console.print(f"W&B ({res.mode}): {res.run_dir}")
     return results
