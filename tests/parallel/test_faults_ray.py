@@ -60,6 +60,15 @@ def pause_first_pattern_task() -> None:
     tasks.pattern_task = pattern_task
 
 
+def recorded_files(run_dir: str) -> dict[str, str]:
+    """``{path: sha256}`` of every file of the run outside ``analysis/``: what an analysis must not change."""
+    import hashlib
+
+    root = Path(run_dir)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "analysis"}
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -90,6 +99,7 @@ def test_a_worker_killed_mid_task_is_retried_and_the_result_is_identical(digits_
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels by value
+    recorded = recorded_files(run_dir)
     folder = tmp_path / "fault"
     folder.mkdir()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -135,5 +145,6 @@ def test_a_worker_killed_mid_task_is_retried_and_the_result_is_identical(digits_
     sys.stderr.write(f"worker {killed['pid']} killed in pattern_task{killed['steps']}; tasks: {len(chunks)} + 1 retry; "
                      f"rows compared: {sum(t.num_rows for t in disturbed.values())} in {len(disturbed)} tables; "
                      f"analysis {t_undisturbed:.1f} s undisturbed, {elapsed:.1f} s with the kill\n")
+    assert recorded_files(run_dir) == recorded and len(recorded) > 5  # the recorded run: not a byte changed
     # the undisturbed result is kept, never overwritten (moved to analysis/previous/)
     assert len(list(Path(run_dir, "analysis", "previous").glob("patterns-*.parquet"))) >= 1

@@ -23,6 +23,15 @@ INIT_TIMEOUT = 8  # seconds, set in the test's analyze.yaml; W&B's own default i
 DUMMY_KEY = "dummy0" + "k" * 34  # 40 characters, like a real key; never a real one
 
 
+def recorded_files(run_dir: str) -> dict[str, str]:
+    """``{path: sha256}`` of every file of the run outside ``analysis/``: what an analysis must not change."""
+    import hashlib
+
+    root = Path(run_dir)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "analysis"}
+
+
 def _closed_port() -> int:
     with socket.socket() as s:  # bound then closed: nothing listens there afterwards
         s.bind(("127.0.0.1", 0))
@@ -43,6 +52,7 @@ def test_analysis_with_wandb_unreachable_keeps_results_warns_once_and_exits_0(di
 
     duckdb = pytest.importorskip("duckdb")
     run_dir = str(shutil.copytree(digits_run, tmp_path / "digits"))
+    recorded = recorded_files(run_dir)
     config = tmp_path / "analyze.yaml"
     config.write_text(textwrap.dedent(f"""\
         analysis: {{analyzers: [patterns]}}
@@ -73,6 +83,7 @@ def test_analysis_with_wandb_unreachable_keeps_results_warns_once_and_exits_0(di
     rows = duckdb.connect().execute(
         f"SELECT step, layer, split, COUNT(DISTINCT bits) FROM read_parquet('{run_dir}/patterns/*/*.parquet', "
         "hive_partitioning = true) WHERE source = 'probe' GROUP BY ALL").fetchall()
+    assert recorded_files(run_dir) == recorded  # the recorded run: not a byte changed
     assert got == {(s, l, p): n for s, l, p, n in rows} and len(got) >= 8
 
 
