@@ -432,16 +432,16 @@ def submit(run: Run, cfg: Any, p: Plan, n_tasks: int) -> list[Any]:
     """Ray tasks for the planned step ranges (inside a Ray session)."""
     import ray
 
-    from dynatrack.parallel.analyze import plan_step_ranges
+    from dynatrack.parallel.analyze import TASK_RETRIES, plan_step_ranges
 
     refs = []
     if p.partition_steps:
-        fn = ray.remote(num_cpus=1)(partition_task)
+        fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(partition_task)
         for chunk in plan_step_ranges(p.partition_steps, n_tasks):
             i = p.partition_steps.index(chunk[0])
             refs.append(fn.remote(run.path, chunk, p.partition_steps[i - 1] if i else None, p.partition_steps[0]))
     if p.early_steps:
-        fn = ray.remote(num_cpus=1)(early_task)
+        fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(early_task)
         conf = {"loss": cfg.loss, "split": cfg.split, "beta_iters": cfg.beta_iters, "seed": cfg.seed,
                 "early_lr": cfg.early_lr, "trust_model_code": cfg.trust_model_code}
         for chunk in plan_step_ranges(p.early_steps, n_tasks):
