@@ -48,6 +48,20 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(layers)
     console.print(f"pattern steps: {_steps_text(summary['pattern_steps'])}")
     console.print(f"checkpoints:   {_steps_text(summary['checkpoint_steps'])}")
+    commits = summary.get("commits") or {}
+    incomplete = summary.get("incomplete_steps") or []
+    if commits or incomplete:
+        ranks = Table(title="commits per rank" + (" [yellow](incomplete steps left out)[/yellow]" if incomplete else ""))
+        for col in ("rank", "committed (per attempt)", "incomplete steps"):
+            ranks.add_column(col, justify="right" if col == "rank" else "left")
+        by_rank = summary.get("incomplete_by_rank") or {}
+        for rank in range(int(summary.get("world_size") or 0)):
+            per = commits.get(rank) or commits.get(str(rank)) or {}
+            text = ", ".join(f"a{a}: {'closed' if c['closed'] else 'through step ' + str(c['through'])}"
+                             for a, c in sorted(per.items(), key=lambda kv: int(kv[0]))) or "[red]nothing[/red]"
+            missing = by_rank.get(rank, by_rank.get(str(rank), []))
+            ranks.add_row(str(rank), text, _steps_text(missing) if missing else "-")
+        console.print(ranks)
     tables = Table(title="tables")
     for col in ("table", "files", "rows", "bytes"):
         tables.add_column(col, justify="left" if col == "table" else "right")
@@ -55,6 +69,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         tables.add_row(kind, str(t["files"]), f"{t['rows']:,}", _human(t["bytes"]))
     tables.add_row("checkpoints", str(len(summary["checkpoint_steps"])), "", _human(summary["checkpoint_bytes"]))
     tables.add_row("probe set", "", "", _human(summary.get("probe_bytes", 0)))
+    if summary.get("superseded_bytes"):
+        tables.add_row("superseded", "", "", _human(summary["superseded_bytes"]))
     if summary.get("analysis_bytes"):
         tables.add_row("analysis", "", "", _human(summary["analysis_bytes"]))
     console.print(tables)

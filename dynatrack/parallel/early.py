@@ -42,23 +42,19 @@ INIT, PREVIOUS = "init", "previous"
 class ChainLoader:
     """The recorded network at a checkpoint, as a chain of affine maps and activations.
 
-    Rebuilds the model once (``dynatrack.parallel.tasks.build_model``) and loads each
-    step's ``state_dict``; every weight analysis of this module goes through here.
+    Read from the run's stored model description (:func:`dynatrack.parallel.tasks.region_chain`;
+    the class the manifest names is imported only with ``trust_model_code``); every weight
+    analysis of this module goes through here.
     """
 
-    def __init__(self, run: Run) -> None:
-        from dynatrack.parallel.tasks import build_model
-
+    def __init__(self, run: Run, *, trust_model_code: bool = False) -> None:
         self.run = run
-        self.model = build_model(run)
-        self.input_shape = (run.manifest.get("probe") or {}).get("input_shape") or [1]
+        self.trust_model_code = trust_model_code
 
     def __call__(self, step: int) -> list[Any]:
-        from dynatrack.analysis.regions import piecewise_linear_layers
+        from dynatrack.parallel.tasks import region_chain
 
-        self.model.load_state_dict(self.run.checkpoint(step))
-        self.model.eval()
-        return piecewise_linear_layers(self.model, self.input_shape)
+        return region_chain(self.run, step, trust_model_code=self.trust_model_code)
 
 
 # -- planning (before Ray) ------------------------------------------------------------------------
@@ -137,7 +133,7 @@ def _plan_early(run: Run, cfg: Any, wanted: list[int] | None, out: Plan) -> list
     if not steps:
         raise es.NotApplicableError(f"no checkpoint at the requested steps (checkpointed: {run.checkpoint_steps()})")
     try:
-        layers = ChainLoader(run)(steps[0])
+        layers = ChainLoader(run, trust_model_code=cfg.trust_model_code)(steps[0])
     except ValueError as exc:  # UnsupportedModelError, a class that cannot be rebuilt
         raise es.NotApplicableError(f"the network is not a chain of Linear and ReLU layers: {exc}") from exc
     es.check_applies(layers)
@@ -317,7 +313,7 @@ def early_task(run_dir: str, steps: Sequence[int], config: dict[str, Any]) -> di
     loss = config["loss"]
     ids, labels, x = run.probe_inputs(config["split"])
     x = x.reshape(len(x), -1).astype(np.float64)
-    load = ChainLoader(run)
+    load = ChainLoader(run, trust_model_code=bool(config.get("trust_model_code", False)))
     ckpts = set(run.checkpoint_steps())
     lrs = _step_means(run, "lr")
     rows: dict[str, list[Any]] = {k: [] for k in EARLY_STAGE.names}
@@ -463,7 +459,7 @@ def submit(run: Run, cfg: Any, p: Plan, n_tasks: int) -> list[Any]:
     if p.early_steps:
         fn = ray.remote(num_cpus=1)(early_task)
         conf = {"loss": cfg.loss, "split": cfg.split, "beta_iters": cfg.beta_iters, "seed": cfg.seed,
-                "early_lr": cfg.early_lr}
+                "early_lr": cfg.early_lr, "trust_model_code": cfg.trust_model_code}
         for chunk in plan_step_ranges(p.early_steps, n_tasks):
             refs.append(fn.remote(run.path, chunk, conf))
     return refs
