@@ -99,7 +99,9 @@ def analyze_run(
     run = open_run(run_dir)
     recorded = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
     early_plan = early.plan(run, cfg)  # partitions, early_stage: skipped with a reason when they do not apply
-    pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded, bool(early_plan.partition_steps or early_plan.early_steps))
+    # a skipped early analyzer is reported with its reason below, not as "nothing to analyze"
+    pattern_steps, weight_steps = _steps_to_analyze(
+        run, cfg, recorded, bool(early_plan.partition_steps or early_plan.early_steps or early_plan.skipped))
     weight_kinds = [a for a in cfg.analyzers if a in ("regions", "local_complexity")]
     skipped: dict[str, str] = dict(early_plan.skipped)  # early.plan logged its own
     if weight_kinds and weight_steps:
