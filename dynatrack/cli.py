@@ -1,4 +1,4 @@
-"""``dynatrack demo | fit | analyze | inspect``.
+"""``dynatrack demo | fit | analyze | sweep | compare | inspect``.
 
 Every command's default root is ``./runs``.
 """
