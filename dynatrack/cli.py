@@ -12,63 +12,18 @@ import sys
 import warnings
 from typing import Any
 
+from dynatrack.report import print_summary  # noqa: F401  (cli.print_summary stays importable)
+
 log = logging.getLogger("dynatrack")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _steps_text(steps: list[int], limit: int = 12) -> str:
-    if len(steps) <= limit:
-        return ", ".join(map(str, steps))
-    head = ", ".join(map(str, steps[: limit - 3]))
-    return f"{head}, ..., {', '.join(map(str, steps[-2:]))} ({len(steps)} steps)"
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """Print what a run holds as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]run[/bold] {summary['run_id']}  [dim]{summary['path']}[/dim]")
-    console.print(
-        f"schema v{summary['schema_version']}, world size {summary['world_size']}, ranks {summary['ranks']}, "
-        f"attempts {len(summary.get('attempts') or [])}"
-    )
-    probe = summary.get("probe") or {}
-    if probe:
-        console.print(f"probe: {probe.get('size')} samples {probe.get('splits')}, {probe.get('num_classes')} classes")
-    layers = Table(title="layers")
-    layers.add_column("layer")
-    layers.add_column("width", justify="right")
-    for layer in summary["layers"]:
-        layers.add_row(layer["name"], str(layer["width"]))
-    console.print(layers)
-    console.print(f"pattern steps: {_steps_text(summary['pattern_steps'])}")
-    console.print(f"checkpoints:   {_steps_text(summary['checkpoint_steps'])}")
-    tables = Table(title="tables")
-    for col in ("table", "files", "rows", "bytes"):
-        tables.add_column(col, justify="left" if col == "table" else "right")
-    for kind, t in summary["tables"].items():
-        tables.add_row(kind, str(t["files"]), f"{t['rows']:,}", _human(t["bytes"]))
-    tables.add_row("checkpoints", str(len(summary["checkpoint_steps"])), "", _human(summary["checkpoint_bytes"]))
-    tables.add_row("probe set", "", "", _human(summary.get("probe_bytes", 0)))
-    if summary.get("analysis_bytes"):
-        tables.add_row("analysis", "", "", _human(summary["analysis_bytes"]))
-    console.print(tables)
-    console.print(f"total on disk: {_human(summary['total_bytes'])}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dynatrack.store import open_run
+    from dynatrack.store.reader import IncompleteStepsWarning
 
-    summary = open_run(args.run_dir).summary()
+    with warnings.catch_warnings():  # the summary lists the incomplete steps per rank itself
+        warnings.simplefilter("ignore", IncompleteStepsWarning)
+        summary = open_run(args.run_dir).summary()
     if args.json:
         json.dump(summary, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -118,6 +73,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         cfg.__post_init__()
     if args.steps:
         cfg = replace(cfg, steps=tuple(int(s) for s in args.steps.split(",")))
+    if args.trust_model_code:
+        cfg = replace(cfg, trust_model_code=True)
     analyze_and_report(
         args.run_dir,
         config=cfg,
@@ -127,6 +84,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         project=args.project or wandb_opts.get("project", "dynatrack"),
         group=args.group or wandb_opts.get("group"),
     )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dynatrack.sweep.compare import compare_sweep
+
+    compare_sweep(args.sweep_dir, address=args.address, num_cpus=args.num_cpus, wandb_mode=args.wandb,
+                  project=args.project)
     return 0
 
 
@@ -209,12 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML with analysis/ray/wandb sections (configs/analyze.yaml)")
     p.add_argument("--address", default=None, help="Ray cluster ('auto', host:port); default: a local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--analyzers", default=None, help="comma list of patterns,regions,local_complexity")
+    p.add_argument("--analyzers", default=None, help="comma list of patterns,regions,local_complexity,early_stage,partitions")
     p.add_argument("--steps", default=None, help="comma list of steps (default: all recorded)")
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled", "auto"],
                    help="W&B mode (default offline)")
     p.add_argument("--project", default=None, help="W&B project (default dynatrack)")
     p.add_argument("--group", default=None, help="W&B group (experiment name)")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="where the run stores no usable model description, import and call the model class its "
+                        "manifest names (runs code from the run directory: only for runs you trust)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("sweep", help="a Ray Tune grid of recorded Ray Train fits over batch sizes and seeds")
@@ -225,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled", "auto"],
                    help="W&B mode of the per-trial runs (default: the config's, offline)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="small- vs large-batch comparison of a sweep: table, plots, W&B group")
+    p.add_argument("sweep_dir", help="the sweep directory, runs/<sweep_id>")
+    p.add_argument("--address", default=None, help="Ray cluster ('auto', host:port); default: a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled", "auto"],
+                   help="W&B mode (default offline, under <sweep>/wandb/)")
+    p.add_argument("--project", default="dynatrack", help="W&B project (default dynatrack)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("inspect", help="print what a run directory holds")
     p.add_argument("run_dir")

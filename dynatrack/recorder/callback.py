@@ -26,17 +26,23 @@ Records go to the background
 writer ``submit_every`` steps (or ``submit_bytes``) at a time; Arrow and all file
 I/O happen there. Steps before the next one at which any schedule can fire
 (:func:`dynatrack.schedules.next_step`) cost one comparison.
+
+The host-side decoding (packing, per-class counts, record layouts) lives in
+:mod:`dynatrack.recorder.decode`; this module is the Lightning glue.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import posixpath
 import secrets
-import sys
 import time
+import urllib.parse
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -48,13 +54,20 @@ from dynatrack import schedules as sch
 from dynatrack.recorder.capture import (
     Capture,
     LayerSelectionError,
-    ProbeMasks,
-    concat_masks,
-    materialize,
+    is_compiled,
     select_layers,
     trace_layers,
+    user_name,
 )
 from dynatrack.recorder.data import IndexedDataset, default_sample_ids
+from dynatrack.recorder.decode import (
+    _decode_batches,
+    _decode_probe,
+    _device_record,
+    _ProbeDecoder,
+    _to_host,
+    _when_done,
+)
 from dynatrack.recorder.probe import Probe, ProbeError, ProbeSplit
 from dynatrack.store.fs import RunLocation, StoreError, validate_run_name
 from dynatrack.store.manifest import (
@@ -63,14 +76,9 @@ from dynatrack.store.manifest import (
     read_manifest,
     write_manifest,
 )
-from dynatrack.store.rows import NeuronChunk, PatternChunk
+from dynatrack.store.model_desc import write_model_description
 from dynatrack.store.schema import MANIFEST, PROBE, PROBE_DIR
-from dynatrack.store.writer import ShardWriter
-
-try:  # the compiled pack-and-count kernel (optional: built at install when a C compiler is there)
-    from dynatrack.recorder import _pack as _pack_kernel
-except ImportError:  # pragma: no cover - depends on the install
-    _pack_kernel = None
+from dynatrack.store.writer import ShardWriter, WriterError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +108,8 @@ class PatternRecorder(Callback):
         neuron_schedule: steps at which neuron partition counts are recorded
             (default: ``schedule``).
         checkpoint_schedule: steps whose weights are saved to ``checkpoints/step=<s>.pt``
-            (default: every step with recorded patterns).
+            (default: the probe schedule's steps and step 0; not the batch schedule's: pass
+            ``checkpoint_schedule=batch_schedule`` for weights at every batch-recorded step).
         steps_schedule: steps with a row in the ``steps`` table (default: the union of
             the probe, neuron and checkpoint schedules).
         record_final: also record probe patterns, neurons and weights after the last update.
@@ -183,8 +192,10 @@ class PatternRecorder(Callback):
         self.neuron_schedule: sch.Schedule = neuron_schedule if neuron_schedule is not None else self.schedule
         if not has_probe:
             self.neuron_schedule = sch.never()
+        # weights where the probe is recorded (and step 0, and the final step with record_final), not at
+        # batch-source steps: a state_dict per batch-recorded step costs more than the patterns
         self.checkpoint_schedule: sch.Schedule = (
-            checkpoint_schedule if checkpoint_schedule is not None else sch.union([self.schedule, self.batch_schedule])
+            checkpoint_schedule if checkpoint_schedule is not None else sch.union([self.schedule, sch.at([0])])
         )
         # steps rows (loss, lr, gradient norm) go with the steps whose weights are probed or saved;
         # the batch source alone does not add them (the gradient norm costs a pass over all grads)
@@ -231,6 +242,7 @@ class PatternRecorder(Callback):
         self._params: list[nn.Parameter] = []
         self._world = 1
         self._rank = 0
+        self._warned: set[str] = set()  # layers already warned about (see _warn_missing)
 
     # -- public ---------------------------------------------------------------
     @property
@@ -242,13 +254,37 @@ class PatternRecorder(Callback):
 
     @property
     def state_key(self) -> str:
-        return f"PatternRecorder[root={self.root}, run_name={self.run_name}]"
+        """The key of this recorder's state in a Lightning checkpoint.
+
+        ``root`` is normalized (:func:`_root_key`), so ``runs``, ``./runs/``, ``/abs/runs`` and
+        ``file:///abs/runs`` name the same recorder and a resume finds its state however it is spelled.
+        """
+        return _state_key(_root_key(self.root), self.run_name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "attempt": self.attempt, "last_step": dict(self._last_step)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the root was normalized keep it as it was spelled: find
+        # this recorder's state under any spelling of the same root (Lightning then finds none
+        # under state_key and does not call load_state_dict).
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        mine = [k for k in states if isinstance(k, str) and _same_recorder(k, self.root, self.run_name)]
+        if len(mine) == 1:
+            self.load_state_dict(dict(states[mine[0]]))
+            return
+        others = [k for k in states if isinstance(k, str) and k.startswith("PatternRecorder[")]
+        if others:
+            log.warning(
+                "the checkpoint holds the state of %s but not of this recorder (%s): a recorder with another "
+                "root or run_name wrote it; this fit records %s",
+                ", ".join(others), self.state_key,
+                "a new run" if self.run_name is None else f"into run_name={self.run_name!r}")
 
     # -- Lightning hooks ---------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -293,7 +329,7 @@ class PatternRecorder(Callback):
                 trainer.strategy.barrier("dynatrack-run-closed")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._close(raise_errors=False)
+        self._close(raise_errors=False, raised=exception)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -303,6 +339,9 @@ class PatternRecorder(Callback):
     def _validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Everything that can be checked before training: fail here, not at step 5,000."""
         modules = select_layers(pl_module, self.layer_names)
+        compiled = _compiled_parts(pl_module)
+        if compiled:
+            _guard_hooks(compiled)
         if self._probe_from_datamodule:
             dm = trainer.datamodule
             if dm is None or not callable(getattr(dm, "probe", None)):
@@ -320,11 +359,20 @@ class PatternRecorder(Callback):
             device = _module_device(pl_module)
             eval_mode = _EvalMode(pl_module)
             was_training = eval_mode.enter()
+            outputs: list[Any] = []
             try:
                 calls, widths = trace_layers(
-                    pl_module, modules, lambda t: self.probe_forward(pl_module, t), x.to(device)
+                    pl_module, modules, lambda t: outputs.append(self.probe_forward(pl_module, t)), x.to(device),
+                    compiled=bool(compiled),
                 )
             except Exception as exc:
+                if compiled and type(exc).__module__.startswith("torch._dynamo"):
+                    raise RecorderError(
+                        f"torch.compile could not run the recorder's forward hooks in {', '.join(compiled)} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). The hooks run "
+                        "eagerly, a graph break at each recorded module on recorded steps: compile without "
+                        "fullgraph=True, or record this model uncompiled"
+                    ) from exc
                 raise ProbeError(
                     f"the probe split {split!r} (inputs of shape {tuple(first.inputs.shape)}, "
                     f"dtype {first.inputs.dtype}) does not fit {type(pl_module).__name__}: {exc}. "
@@ -339,26 +387,36 @@ class PatternRecorder(Callback):
                         f"but split {split!r} has {tuple(first.inputs.shape[1:])}"
                     )
             silent = [n for n, k in calls.items() if k == 0]
+            if silent and compiled:
+                raise LayerSelectionError(
+                    f"the forward hooks of layers {silent} did not run in the probe forward of the torch.compile'd "
+                    f"{', '.join(compiled)}: it was compiled and called before the recorder's setup. Call "
+                    "torch._dynamo.reset() before trainer.fit(), or compile the model without calling it first"
+                )
             if silent:
                 raise LayerSelectionError(
                     f"layers {silent} were never called in a forward pass of the probe; "
                     "remove them from layers=... or check the model's forward"
                 )
-            self._capture = Capture(modules, calls)
+            self._capture = Capture(modules, calls, compiled=bool(compiled))
             self._widths = widths
+            _check_class_counts(self.probe, widths)
+            if self._rank == 0:
+                _warn_about_probe(self.probe, outputs[0] if outputs else None)
         else:
             if sch.is_never(self.batch_schedule):
                 raise RecorderError(
                     "nothing to record: pass probe=... (a fixed probe set) and/or batch_schedule=... "
                     "(the training batch's own patterns)"
                 )
-            self._capture = Capture(modules, None)
+            self._capture = Capture(modules, None, compiled=bool(compiled))
             self._widths = {}
         self._out_weight = _scalar_output_weight(pl_module, modules, self._widths)
 
     def _open_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Agree on a run id across ranks, create or reopen the run directory."""
         self._world, self._rank = trainer.world_size, trainer.global_rank
+        self._warned = set()
         self._steps_live = not sch.is_never(self.steps_schedule)
         self._next_due = 0  # the next step whose schedules must be checked (see _next_firing)
         self._one_micro_batch = _accumulation(trainer) == 1
@@ -396,7 +454,8 @@ class PatternRecorder(Callback):
         self._probe_meta = (
             {name: s.sample_ids.numpy() for name, s in self._shard.items()},
             {name: (s.labels.numpy() if s.labels is not None else None) for name, s in self._shard.items()},
-            self.probe.num_classes,
+            # per split: a split without labels has no class counts (its neurons are labelled ``partial``)
+            {name: (self.probe.num_classes if s.labels is not None else 0) for name, s in self._shard.items()},
             list(self._widths)[-1] if self._widths else None,
             dict(self._widths),
         )
@@ -404,7 +463,8 @@ class PatternRecorder(Callback):
         c = self.probe.num_classes
         self._onehots = {}
         for name, split in self._shard.items():
-            split.inputs = split.inputs.to(device)
+            # as Lightning converts the training batches (e.g. to bf16 under precision="bf16-true")
+            split.inputs = trainer.precision_plugin.convert_input(split.inputs.to(device))
             if c and split.labels is not None:
                 onehot = torch.nn.functional.one_hot(split.labels, c).T.to(device=device, dtype=torch.float32)
             else:
@@ -431,6 +491,13 @@ class PatternRecorder(Callback):
             existing = read_manifest(loc)
             check_compatible(existing, wanted, loc.uri)
             if not resuming:
+                ckpt = getattr(trainer, "ckpt_path", None)
+                if ckpt:
+                    raise RecorderError(
+                        f"run directory {loc.uri!r} already exists and the checkpoint {ckpt!r} holds no state of "
+                        f"this recorder ({self.state_key}): it was not written by a fit recording this run. "
+                        "Pass a checkpoint of the fit that recorded it, or choose another run_name"
+                    )
                 raise RecorderError(
                     f"run directory {loc.uri!r} already exists. Choose another run_name, or resume it by "
                     "passing ckpt_path=<a Lightning checkpoint of that run> to trainer.fit()"
@@ -444,6 +511,9 @@ class PatternRecorder(Callback):
         loc.mkdir()
         self._write_probe(loc)
         write_manifest(loc, wanted, overwrite=False)
+        # what weight analyses need of the model, as data (chain / exported graph); never raises
+        write_model_description(loc, pl_module, layers=list(self._widths),
+                                input_shape=wanted["probe"].get("input_shape") or [], forward=self.probe_forward)
         return 0
 
     def _write_probe(self, loc: RunLocation) -> None:
@@ -467,7 +537,9 @@ class PatternRecorder(Callback):
             )
             buf = io.BytesIO()
             pq.write_table(table, buf, compression="zstd")
-            loc.write_bytes_atomic(f"{PROBE_DIR}/{name}.parquet", buf.getvalue())
+            if not loc.write_bytes_atomic(f"{PROBE_DIR}/{name}.parquet", buf.getvalue()):  # atomic no-replace
+                raise StoreError(f"{loc.uri}/{PROBE_DIR}/{name}.parquet already exists: another fit is creating "
+                                 "this run at the same time. Choose another run_name")
 
     def _schedules(self) -> dict[str, sch.Schedule]:
         return {"probe": self.schedule, "batch": self.batch_schedule, "neurons": self.neuron_schedule,
@@ -565,7 +637,7 @@ class PatternRecorder(Callback):
                         if dec is None:  # its buffer holds one chunk's rows, reused chunk after chunk
                             buf = cap.probe_masks(self._widths, min(bs, len(split)))
                             dec = self._probe_decoders[split_name] = _ProbeDecoder(
-                                split_name, buf, len(split), labels[split_name], n_classes)
+                                split_name, buf, len(split), labels[split_name], n_classes[split_name])
                         cap.reuse = dec.buf
                         dec.begin(bits=patterns, counts=neurons)
                         for k, i in enumerate(range(0, len(split), bs)):
@@ -655,6 +727,8 @@ class PatternRecorder(Callback):
             self._batch_active = False
             ids = self._batch_ids(trainer, batch)
             bits = self._capture.take()  # type: ignore[union-attr]
+            if len(bits) != len(self._capture.names):  # type: ignore[union-attr]
+                self._warn_missing(step, bits)
             n = ids.shape[0]
             for layer, chunks in bits.items():
                 self._pending_bytes += chunks[0].nbytes
@@ -694,6 +768,15 @@ class PatternRecorder(Callback):
         else:
             self._pending_batches.append((step, ids, bits, scalars, meta))
         self._submit_if_due()
+
+    def _warn_missing(self, step: int, bits: Mapping[str, Any]) -> None:
+        """Warn (once per layer and fit) about recorded layers whose hooks did not run in a training forward."""
+        missing = [name for name in self._capture.names if name not in bits and name not in self._warned]  # type: ignore[union-attr]
+        if missing:
+            self._warned.update(missing)
+            warnings.warn(
+                f"layers {missing} did not run in the training forward of step {step}: the batch source has no "
+                "rows of them at that step (and at later steps where they do not run)", UserWarning, stacklevel=2)
 
     def _submit_if_due(self) -> None:
         """Hand the pending records over once ``submit_every`` of them or ``submit_bytes`` wait."""
@@ -753,7 +836,8 @@ class PatternRecorder(Callback):
             ids = ids.reshape(-1)
         return ids if ids.dtype == torch.int64 else ids.to(torch.int64)
 
-    def _close(self, *, raise_errors: bool) -> None:
+    def _close(self, *, raise_errors: bool, raised: BaseException | None = None) -> None:
+        """Stop the writer; ``raised``: the exception that ends the fit (a writer failure is reported once)."""
         if self._capture is not None:
             self._capture.detach()
         if self._writer is None:
@@ -766,13 +850,83 @@ class PatternRecorder(Callback):
         writer, self._writer = self._writer, None
         try:
             writer.close()
-        except Exception:
+        except Exception as exc:
             if raise_errors:
                 raise
+            if isinstance(raised, WriterError) and exc.__cause__ is not None and exc.__cause__ is raised.__cause__:
+                return  # the fit already ends with this failure
             log.exception("dynatrack writer failed while closing the run")
 
 
 # -- helpers -----------------------------------------------------------------------
+
+
+def _root_key(root: str) -> str:
+    """``root`` normalized for comparison: local paths absolute and resolved, URIs without trailing slashes.
+
+    >>> _root_key("s3://bucket//runs/") == _root_key("s3://bucket/runs")
+    True
+    """
+    text = str(root)
+    if "://" in text:
+        parts = urllib.parse.urlsplit(text)
+        if parts.scheme.lower() != "file":
+            path = posixpath.normpath("/" + parts.path.lstrip("/"))
+            return f"{parts.scheme.lower()}://{parts.netloc}{path.rstrip('/')}"
+        text = urllib.parse.unquote(parts.path)
+    return str(Path(text).expanduser().resolve())
+
+
+def _state_key(root_key: str, run_name: str | None) -> str:
+    return f"PatternRecorder[root={root_key}, run_name={run_name}]"
+
+
+def _same_recorder(key: str, root: str, run_name: str | None) -> bool:
+    """Whether checkpoint state ``key`` (``PatternRecorder[root=..., run_name=...]``) names this root and run name."""
+    prefix, suffix = "PatternRecorder[root=", f", run_name={run_name}]"
+    if not (key.startswith(prefix) and key.endswith(suffix)):
+        return False
+    return _root_key(key[len(prefix) : -len(suffix)]) == _root_key(root)
+
+
+#: The most memory the per-class neuron counts of one probe split may take (int32 ``[classes, neurons]``).
+MAX_COUNTS_BYTES = 2**31
+
+
+def _check_class_counts(probe: Probe, widths: Mapping[str, int]) -> None:
+    """Refuse, at setup, labels so large that the per-class counts of the recorded layers would not fit."""
+    c = probe.num_classes
+    neurons = sum(-(-w // 8) * 8 for w in widths.values())
+    if c * neurons * 4 > MAX_COUNTS_BYTES:
+        raise ProbeError(
+            f"probe labels go up to {c - 1}: the per-class neuron counts would take {c * neurons * 4 / 2**30:.1f} GiB "
+            f"per probe split ({c:,} classes x {neurons:,} recorded neurons, at most {MAX_COUNTS_BYTES // 2**30} GiB). "
+            "Remap the labels to 0..K-1 (labels = torch.unique(labels, return_inverse=True)[1]), record fewer "
+            "layers, or pass the probe without labels")
+
+
+def _warn_about_probe(probe: Probe, output: Any) -> None:
+    """Warn once, at setup, about probe samples whose records would mislead.
+
+    NaN inputs give NaN pre-activations, which the recorder reads as active; labels
+    beyond the model's outputs (a classifier's logits) are classes the model cannot predict.
+    """
+    for name, split in probe.splits.items():
+        if split.inputs.is_floating_point() or split.inputs.is_complex():
+            bad = torch.isnan(split.inputs.reshape(len(split), -1)).any(dim=1)
+            if bool(bad.any()):
+                ids = split.sample_ids[bad].tolist()  # type: ignore[index]
+                warnings.warn(
+                    f"probe split {name!r} has {len(ids)} sample(s) with NaN inputs (sample ids "
+                    f"{ids[:5]}{' ...' if len(ids) > 5 else ''}): their pre-activations are NaN and their neurons "
+                    "read as active. Drop or fix those samples", UserWarning, stacklevel=2)
+    n_out = output.shape[-1] if isinstance(output, torch.Tensor) and output.dim() >= 2 else None
+    if n_out and n_out > 1 and probe.num_classes > n_out:
+        worst = max((int(s.labels.max()), name) for name, s in probe.splits.items() if s.labels is not None)
+        warnings.warn(
+            f"probe split {worst[1]!r} has label {worst[0]}, but the model has {n_out} outputs per sample "
+            f"(classes 0..{n_out - 1}): the per-class counts include classes the model cannot predict. "
+            "Check the probe labels", UserWarning, stacklevel=2)
 
 
 def _new_run_id() -> str:
@@ -911,408 +1065,32 @@ def _scalar_output_weight(
 
 
 def _host_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    """The weights on the host, keyed as in the uncompiled model (no ``_orig_mod`` of ``torch.compile``)."""
+    return {user_name(k): v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def _as_bytes(piece: torch.Tensor) -> torch.Tensor:
-    """A piece's raw bytes (its dtype is fixed by the layout item: ids int64, counts int32, ...)."""
-    return piece.contiguous().view(torch.uint8).reshape(-1)
+def _compiled_parts(module: nn.Module) -> list[str]:
+    """What of ``module`` runs under ``torch.compile``: its compiled submodules, or the whole module."""
+    parts = [user_name(n) for n, m in module.named_modules() if n and is_compiled(m)]
+    if getattr(module, "_compiler_ctx", None):  # Lightning's unwrapped trainer.fit(torch.compile(model))
+        parts.insert(0, type(module).__name__)
+    return parts
 
 
-def _to_host(pieces: list[torch.Tensor]) -> tuple[Any, Any]:
-    """The step's tensors, on the host, for the writer thread.
+def _guard_hooks(compiled: list[str]) -> None:
+    """Make ``torch.compile`` check the forward hooks the recorder adds and removes between steps.
 
-    On an accelerator they are concatenated as bytes and copied to the host once,
-    non-blocking into pinned memory; the returned event is synchronized by the writer
-    thread before it reads them. On CPU they already are on the host: they are handed
-    over as they are and the writer thread converts them (no work on the training thread).
+    By default (``torch._dynamo.config.skip_nnmodule_hook_guards``) compiled code ignores
+    hooks added after it was compiled: the batch source would record step 0 only. With the
+    guards, compiled code keeps one graph with the recorder's hooks (run eagerly: a graph
+    break at each recorded module, on recorded steps) and one without.
     """
-    if not pieces:
-        return np.zeros(0, np.uint8), None
-    for p in pieces:
-        if p.device.type != "cpu":
-            break
-    else:
-        return pieces, None
-    flat = torch.cat([_as_bytes(p) for p in pieces])
-    host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=flat.device.type == "cuda")
-    host.copy_(flat, non_blocking=True)
-    event = None
-    if flat.device.type == "cuda":
-        event = torch.cuda.Event()
-        event.record()
-    return host.numpy(), event
+    import torch._dynamo
 
-
-def _split_layout(host: Any, event: Any, layout: list[tuple[str, str, str, int, int]]) -> list[tuple[tuple[str, str, str, int, int], np.ndarray]]:
-    """Cut the host bytes of a step back into one array per layout item (writer thread)."""
-    if not layout:
-        return []
-    if event is not None:
-        event.synchronize()
-    # One copy into memory owned by the writer thread: the step's torch host buffers are freed at
-    # once instead of living (in the training thread's malloc arena) until the shard is written,
-    # which fragments the heap and inflates RSS far beyond the rows kept.
-    if isinstance(host, list):
-        host = np.concatenate([_as_bytes(p).numpy() for p in host]) if host else np.zeros(0, np.uint8)
-    else:
-        host = np.array(host, copy=True)
-    out, offset = [], 0
-    itemsize = {"bits": 1, "nbits": 1, "counts": 4, "out_sign": 1, "ids": 1, "scalars": 1}
-    for item in layout:
-        what, _, _, rows, cols = item
-        n = rows * cols * itemsize[what]
-        raw = host[offset : offset + n]
-        offset += n
-        if what == "counts":
-            arr = raw.view(np.int32).reshape(rows, cols)
-        elif what == "out_sign":
-            arr = raw.view(np.int8).reshape(rows, cols)
-        else:
-            arr = raw.reshape(rows, cols)
-        out.append((item, arr))
-    return out
-
-
-def _decode_probe(
-    host: np.ndarray,
-    event: Any,
-    layout: list[tuple[str, str, str, int, int]],
-    step: int,
-    ids: dict[str, np.ndarray],
-    n_classes: int,
-    last_layer: str | None,
-    *,
-    labels: dict[str, np.ndarray | None] | None = None,
-    widths: dict[str, int] | None = None,
-    deferred: list[tuple[tuple[str, str, str], list[Any]]] | None = None,
-    decoded: list[tuple[str, str, str, np.ndarray]] | None = None,
-) -> dict[str, Any]:
-    """Decode a probe step into pattern chunks and the neuron table.
-
-    On CPU this runs on the training thread right after the probe forward (everything is
-    on the host already); on accelerators on the writer thread, after the host copy.
-
-    With ``labels`` (CPU runs, or ``neuron_counts="writer"``) the per-class counts are
-    computed here from packed bits, or arrive ``decoded`` (CPU: :class:`_ProbeDecoder`), or
-    otherwise they arrive as ``counts`` items computed on the device. ``deferred`` holds
-    the bool masks of the probe hooks (CPU with ``neuron_counts="device"``): only packed.
-    """
-    count_here = labels is not None and widths is not None
-    items: list[tuple[str, str, str, np.ndarray]] = []  # ("bits" | "counts", split, layer, array)
-    out_sign = None
-    for (what, split, layer, _, _), arr in _split_layout(host, event, layout):
-        if what == "out_sign":
-            out_sign = arr[0]
-            continue
-        if what in ("bits", "nbits") and count_here:
-            unpacked = np.unpackbits(arr, axis=1, count=widths[layer])  # type: ignore[index]
-            items.append(("counts", split, layer, _class_counts(unpacked, labels[split], n_classes)))  # type: ignore[index]
-        if what in ("bits", "counts"):
-            items.append((what, split, layer, arr))
-    # CPU bool masks of the probe hooks (neuron_counts="device" on CPU: the counts came with them)
-    items += [("bits", split, layer, np.packbits(concat_masks(masks)[0], axis=1, bitorder="big"))
-              for (_, split, layer), masks in deferred or []]
-    items += decoded or []
-    patterns: list[PatternChunk] = []
-    neurons = []
-    for what, split, layer, arr in items:
-        if what == "bits":
-            patterns.append(PatternChunk(step, layer, split, "probe", ids[split], arr))
-            continue
-        by_class = arr.T  # [width, C or 1] int32 (a view; the shard build copies)
-        sign = out_sign if (out_sign is not None and layer == last_layer) else None
-        neurons.append(NeuronChunk(  # with classes, ``active`` is summed on the writer thread
-            step, layer, split, None if n_classes else by_class[:, 0],
-            by_class if n_classes else np.zeros((by_class.shape[0], 0), np.int32), len(ids[split]),
-            None if sign is None else np.array(sign, np.int8)))
-    out: dict[str, Any] = {}
-    if patterns:
-        out["patterns"] = patterns
-    if neurons:
-        out["neurons"] = neurons
-    return out
-
-
-class _ProbeDecoder:
-    """Bits and per-class counts of every layer of one probe split, decoded chunk by chunk.
-
-    The CPU probe forward's hooks write each chunk's masks into the split's
-    :class:`ProbeMasks` (one chunk's rows, layer after layer); :meth:`add` packs and
-    counts them right after that chunk's forward. With the compiled kernel
-    (``dynatrack.recorder._pack``, built at install when a C compiler is there) one call
-    per layer reads each word of masks once, packs it and adds it to its class's counters.
-    Without it (or with labels not sorted by class) numpy does it: one ``numpy.packbits``
-    of the whole buffer packs every layer (each layer's packed rows are a contiguous block
-    of the result, handed over without a copy when the split is one chunk) and one
-    :func:`_class_counts` per layer counts it. Either way the class blocks of each chunk
-    are planned once from the split's labels (:func:`_count_plan`), and a probe step's
-    output arrays are two allocations: on the training thread, between training steps,
-    every call pays for cold caches. For a split that is one chunk the kernel's calls run
-    on its native thread (:meth:`add`), which never takes the GIL: the buffer is not
-    needed again before the next probe step (:meth:`begin` waits), and whoever reads the
-    arrays waits first (:func:`_when_done`).
-    Kept for the run, one per split; :meth:`begin` starts a probe step.
-    """
-
-    def __init__(self, split: str, buf: ProbeMasks, n: int, labels: np.ndarray | None, n_classes: int) -> None:
-        self.split, self.buf, self.n, self.rows = split, buf, n, buf.rows
-        self.flat = buf.flat.numpy()
-        # (layer, first column, width, padded width, its block bool[rows, wpad])
-        self.layers = [(layer, col, width, -(-width // 8) * 8, buf.block(li).numpy())
-                       for li, (layer, col, width) in enumerate(buf.layers)]
-        self.n_classes = n_classes if labels is not None and n_classes else 0
-        chunk = buf.rows
-        self.plans = [_count_plan(labels[r0 : r0 + chunk] if self.n_classes else None, self.n_classes, min(chunk, n - r0))
-                      for r0 in range(0, n, chunk)]
-        self.one_chunk = n <= chunk
-        # the compiled kernel needs each chunk's rows sorted by class (probe shards are)
-        self.kernel = _pack_kernel if all(p.order is None for p in self.plans) else None
-        self.counts_shapes = [(max(self.n_classes, 1), wpad) for *_, wpad, _ in self.layers]
-        self.bits_shapes = [(n, wpad // 8) for *_, wpad, _ in self.layers]
-        self.counts: list[Any] | None = None  # per layer: [C, wpad] counts of this step
-        self.bits: list[Any] | None = None  # per layer: [n, wpad // 8] packed rows of this step
-        self.pending: Any = None  # the kernel's calls of this step on its background thread
-
-    def begin(self, *, bits: bool, counts: bool) -> None:
-        """Start a probe step: fresh output arrays (the previous step's went to the writer)."""
-        self.wait()  # the background calls of the previous step still read the buffer
-        self.counts = self.bits = None
-        if self.kernel is None and self.one_chunk:  # numpy's own results are kept as they are
-            self.counts = [None] * len(self.layers) if counts else None
-            self.bits = [None] * len(self.layers) if bits else None
-            return
-        if counts:  # int32 sums (the kernel zeroes them at the first chunk)
-            self.counts = _arrays(self.counts_shapes, np.int32, zero=self.kernel is None)
-        if bits:
-            self.bits = _arrays(self.bits_shapes, np.uint8, zero=False)
-
-    def add(self, k: int, r0: int, n: int) -> None:
-        """Decode chunk ``k``: rows ``r0 .. r0 + n`` of the split, held in the buffer's first ``n`` rows."""
-        if self.kernel is not None:  # one pass per layer: each word of masks read once, packed and counted
-            plan = self.plans[k]
-            calls = [(block[:n], n, wpad, plan.block_start, plan.block_class,
-                      None if self.bits is None else self.bits[li][r0 : r0 + n],
-                      None if self.counts is None else self.counts[li], k == 0)
-                     for li, (_, _, _, wpad, block) in enumerate(self.layers)]
-            if self.one_chunk:  # the buffer is not needed again before the next probe step: on another core
-                self.pending = self.kernel.submit(calls)
-            else:
-                for call in calls:
-                    self.kernel.pack_count(*call)
-            return
-        if self.bits is not None:
-            rows = self.rows
-            packed = np.packbits(self.flat, bitorder="big") if n == rows else None  # every layer at once
-            for li, (_, col, _, wpad, block) in enumerate(self.layers):
-                if packed is not None:
-                    mine = packed[col * rows // 8 : (col + wpad) * rows // 8].reshape(rows, wpad // 8)
-                else:  # a last, shorter chunk
-                    mine = np.packbits(block[:n], axis=1, bitorder="big")
-                if self.one_chunk:
-                    self.bits[li] = mine  # a view of this step's own array: no copy
-                else:
-                    self.bits[li][r0 : r0 + n] = mine
-        if self.counts is not None:
-            for li, (*_, block) in enumerate(self.layers):
-                self.counts[li] = _class_counts(block[:n], None, self.n_classes, out=self.counts[li], plan=self.plans[k])
-
-    def wait(self) -> None:
-        """Block until the kernel's background calls of this step are done (they usually are)."""
-        if self.pending is not None:
-            self.pending.wait()
-            self.pending = None
-
-    def items(self) -> list[tuple[str, str, str, np.ndarray]]:
-        """``("counts" | "bits", split, layer, array)`` per layer: this step's arrays (the buffer is reused).
-
-        With the kernel's background calls the arrays are filled once :attr:`pending` is done:
-        whoever reads them calls its ``wait()`` first (the writer thread, :func:`_when_done`).
-        """
-        out: list[tuple[str, str, str, np.ndarray]] = []
-        if self.counts is not None:
-            out += [("counts", self.split, layer, counts[:, :w]) for (layer, _, w, _, _), counts in zip(self.layers, self.counts)]
-        if self.bits is not None:
-            out += [("bits", self.split, layer, bits) for (layer, *_), bits in zip(self.layers, self.bits)]
-        self.counts = self.bits = None
-        return out
-
-
-def _when_done(in_flight: list[Any], decoded: dict[str, Any]) -> Callable[[], dict[str, Any]]:
-    """A writer job that hands over ``decoded`` once the kernel's background calls filling it are done."""
-
-    def job() -> dict[str, Any]:
-        for pending in in_flight:
-            pending.wait()
-        return decoded
-
-    return job
-
-
-def _arrays(shapes: list[tuple[int, int]], dtype: Any, *, zero: bool) -> list[np.ndarray]:
-    """Arrays of ``shapes``, each a contiguous part of one fresh allocation."""
-    flat = (np.zeros if zero else np.empty)(sum(r * c for r, c in shapes), dtype)
-    out, at = [], 0
-    for r, c in shapes:
-        out.append(flat[at : at + r * c].reshape(r, c))
-        at += r * c
-    return out
-
-
-class _CountPlan(NamedTuple):
-    """How :func:`_class_counts` walks rows with given labels (see :func:`_count_plan`)."""
-
-    order: np.ndarray | None  # rows in label order (None: already sorted)
-    n_classes: int  # 1 without labels (one row of totals)
-    ends: list[int]  # end row of each class, in label order
-    block_start: np.ndarray  # int64: blocks of at most 255 rows of one class, tiling the rows (as the kernel takes them)
-    block_class: np.ndarray  # int64
-    unique: bool  # one block per class at most
-    lanes_are_counts: bool  # sorted, and exactly one block per class: block c's byte lanes are class c's counts
-
-
-def _count_plan(labels: np.ndarray | None, n_classes: int, n: int) -> _CountPlan:
-    """The class blocks of ``n`` rows with ``labels`` (``None`` or ``n_classes == 0``: no classes)."""
-    order = None
-    if not (n_classes and labels is not None):
-        labels, n_classes = np.zeros(n, np.int64), 1
-    elif n > 1 and bool((labels[1:] < labels[:-1]).any()):
-        order = np.argsort(labels, kind="stable")
-        labels = labels[order]
-    ends = np.cumsum(np.bincount(labels, minlength=n_classes)).tolist()
-    block_start: list[int] = []
-    block_class: list[int] = []
-    start = 0
-    for c, end in enumerate(ends):
-        for b in range(start, end, 255):
-            block_start.append(b)
-            block_class.append(c)
-        start = end
-    unique = len(set(block_class)) == len(block_class)
-    return _CountPlan(order, n_classes, ends, np.array(block_start, np.int64), np.array(block_class, np.int64), unique,
-                      order is None and unique and len(block_class) == n_classes)
-
-
-def _class_counts(
-    rows: np.ndarray, labels: np.ndarray | None, n_classes: int, out: np.ndarray | None = None,
-    plan: _CountPlan | None = None,
-) -> np.ndarray:
-    """``counts[c, j]`` = rows of class c with neuron j active, from 0/1 rows ``[n, w]`` (bool or uint8).
-
-    One row of totals without labels. With ``out`` (int32 ``[C, w]``) the counts are
-    added to it and it is returned; ``plan`` (:func:`_count_plan` of the labels) stands
-    for ``labels``. Each class is a contiguous block of rows once sorted by label (the
-    probe shards are, :meth:`Probe.shard`). When ``w`` is a multiple of 8 the rows are
-    read as uint64 words, 8 neurons each, and each block of up to 255 rows is summed
-    word-wise (SWAR, one ``numpy.add.reduceat`` for all blocks): each byte lane holds one
-    neuron's count, with no carry between lanes since no count exceeds 255. Without
-    ``out``, when every class is one block, the lanes are returned as they are (uint8).
-    No BLAS call (a matmul would wake numpy's BLAS threads on the cores the training
-    step needs).
-    """
-    u8 = rows.view(np.uint8)
-    n, w = u8.shape
-    if plan is None:
-        plan = _count_plan(labels, n_classes, n)
-    if plan.order is not None:
-        u8 = u8[plan.order]
-    swar = n > 0 and w % 8 == 0 and sys.byteorder == "little" and u8.flags.c_contiguous
-    if swar and out is None and plan.lanes_are_counts:
-        return np.add.reduceat(u8.view(np.uint64), plan.block_start, axis=0).view(np.uint8)
-    counts = np.zeros((plan.n_classes, w), dtype=np.int32) if out is None else out
-    if n == 0:
-        return counts
-    if not swar:
-        start = 0
-        for c, end in enumerate(plan.ends):
-            if end > start:
-                counts[c] += np.add.reduce(u8[start:end], axis=0, dtype=np.int32)
-            start = end
-        return counts
-    sums = np.add.reduceat(u8.view(np.uint64), plan.block_start, axis=0)  # [blocks, w // 8]
-    lanes = sums.view(np.uint8)  # [blocks, w]: byte k of word q is neuron 8q + k
-    if plan.unique:
-        counts[plan.block_class] += lanes
-    else:
-        np.add.at(counts, plan.block_class, lanes)
-    return counts
-
-
-class _HostRecord(NamedTuple):
-    """A batch step's record on an accelerator: its tensors after one non-blocking host copy."""
-
-    step: int
-    host: Any
-    event: Any
-    layout: list[tuple[str, str, str, int, int]]
-    meta: dict[str, Any] | None
-
-
-def _device_record(
-    step: int, ids: torch.Tensor | None, bits: dict[str, list[torch.Tensor]] | None, scalars: torch.Tensor | None,
-    meta: dict[str, Any] | None,
-) -> _HostRecord:
-    """Concatenate a batch step's device tensors (ids, packed bits, loss and gradient norm) into one host copy."""
-    pieces: list[torch.Tensor] = []
-    layout: list[tuple[str, str, str, int, int]] = []
-    if ids is not None and bits is not None:
-        pieces.append(ids)
-        layout.append(("ids", "train", "", 1, ids.shape[0] * 8))
-        for layer, chunks in bits.items():
-            packed = chunks[0]
-            pieces.append(packed)
-            layout.append(("bits", "train", layer, packed.shape[0], packed.shape[1]))
-    if scalars is not None:
-        pieces.append(scalars)
-        layout.append(("scalars", "", "", 1, 8))
-    host, event = _to_host(pieces)
-    return _HostRecord(step, host, event, layout, meta)
-
-
-def _decode_batches(records: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
-    """Writer-thread side of the batch-source steps of one hand-off.
-
-    Each record is a CPU record ``(step, ids, bits, scalars, meta)`` (``bits`` maps a
-    layer to its bool masks, ``scalars`` is ``(loss, grad_norm or None)``: a tensor and a float)
-    or a :class:`_HostRecord` (accelerators). Per layer, the rows of all the hand-off's
-    steps become one :class:`PatternChunk` (a ``step`` per row): one packing call and a
-    handful of Python objects per layer and hand-off, whatever the number of steps.
-    """
-    steps: list[dict[str, Any]] = []
-    by_layer: dict[str, list[tuple[int, np.ndarray, Any]]] = {}  # layer -> (step, ids, masks or packed bits)
-    for record in records:
-        if isinstance(record, _HostRecord):
-            step, host, event, layout, meta = record
-            parts = _split_layout(host, event, layout)
-            ids = next((arr.reshape(-1).view(np.int64) for (what, *_), arr in parts if what == "ids"), None)
-            for (what, _, layer, _, _), arr in parts:
-                if what == "bits":  # packed on the device
-                    by_layer.setdefault(layer, []).append((step, ids, arr))  # type: ignore[arg-type]
-            scalars = next((arr.reshape(-1).view(np.float32) for (what, *_), arr in parts if what == "scalars"), None)
-        else:
-            step, ids_t, bits, scalars_t, meta = record
-            if bits is not None:
-                ids = ids_t.numpy()
-                for layer, masks in bits.items():
-                    by_layer.setdefault(layer, []).append((step, ids, masks))
-            scalars = None
-            if scalars_t is not None:
-                loss_t, gn = scalars_t
-                scalars = (float(loss_t), math.nan if gn is None else float(gn))
-        if meta is not None and scalars is not None:
-            steps.append({**meta, "loss": float(scalars[0]), "grad_norm": float(scalars[1])})
-    patterns: list[PatternChunk] = []
-    for layer, entries in by_layer.items():
-        if isinstance(entries[0][2], np.ndarray):
-            bits = np.concatenate([e[2] for e in entries]) if len(entries) > 1 else entries[0][2]
-        else:
-            bits = materialize([m for e in entries for m in e[2]])
-        ids = np.concatenate([e[1] for e in entries]) if len(entries) > 1 else entries[0][1]
-        step_of_row = np.repeat(np.array([e[0] for e in entries], np.int64), [len(e[1]) for e in entries])
-        patterns.append(PatternChunk(step_of_row, layer, "train", "batch", ids, bits))
-    out: dict[str, list[Any]] = {}
-    if patterns:
-        out["patterns"] = patterns
-    if steps:
-        out["steps"] = steps
-    return out
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        # graphs compiled so far (a forward called before fit) do not check hooks: compiled again
+        torch._dynamo.reset()
+        log.info("dynatrack: %s run under torch.compile; set torch._dynamo.config.skip_nnmodule_hook_guards = False "
+                 "and reset torch.compile's caches so that the recorder's forward hooks run on every recorded step",
+                 ", ".join(compiled))

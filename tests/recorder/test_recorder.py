@@ -275,7 +275,8 @@ def test_in_place_change_after_the_hook_does_not_change_the_bits(tmp_path, data)
         _, bits = run.pattern_bits(step, "net.1")
         assert bits.any()
         assert_signs(bits, manual_preacts(run.checkpoint(step), x)[0])
-    rec = PatternRecorder(str(tmp_path / "runs"), run_name="b", batch_schedule=schedules.every(1))
+    rec = PatternRecorder(str(tmp_path / "runs"), run_name="b", batch_schedule=schedules.every(1),
+                          checkpoint_schedule=schedules.every(1))
     trainer(3, [rec]).fit(ModifiesPreactivation(), loader(x, y))
     run = open_run(rec.run_dir)
     t = run.patterns(source="batch").to_pandas()
@@ -339,11 +340,11 @@ def test_probe_bits_and_counts_with_byte_aligned_widths_equal_splits_and_chunks(
                                                                                 probe_batch_size):
     # widths that are multiples of 8 take the joint decode (all layers side by side); two splits of
     # the same shape and several probe chunks per split share the reused mask buffers' shapes
-    from dynatrack.recorder import callback
+    from dynatrack.recorder import decode
 
     if path == "numpy":
-        monkeypatch.setattr(callback, "_pack_kernel", None)
-    elif callback._pack_kernel is None:
+        monkeypatch.setattr(decode, "_pack_kernel", None)
+    elif decode._pack_kernel is None:
         pytest.skip("dynatrack.recorder._pack is not compiled in this install (no C compiler at install time)")
     x, y = make_data(96)
     test_x, test_y = make_data(96, seed=1)
