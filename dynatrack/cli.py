@@ -126,7 +126,8 @@ def print_sweep(result: dict[str, Any]) -> None:
         table.add_row(t["trial_id"], str(t["batch_size"]), str(t["seed"]), t["budget"], f"{t['lr']:g}",
                       str(t["max_steps"]), status, "" if t["wall_time_s"] is None else f"{t['wall_time_s']:.1f}",
                       acc("train_acc"), acc("test_acc"), t["error"] or "")
-    console = Console()
+    # not a terminal (a job log, a pipe): wide enough that trial ids and errors are not cut
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(table)
     n = len(result["trials"])
     console.print(f"{n - len(result['failed'])}/{n} trials finished ({len(result['ran'])} run now, "
