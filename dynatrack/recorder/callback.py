@@ -250,6 +250,9 @@ class PatternRecorder(Callback):
         self._probe_decoders: dict[str, _ProbeDecoder] = {}  # CPU probe steps: per split, kept for the run
         self._probe_meta: tuple[Any, ...] = ({}, {}, 0, None, {})
         self._grad_norm: Any = None  # accelerators: a tensor on the device; CPU: a float
+        # the lr the optimizer applies in this step's update, read before it runs: Lightning steps a
+        # per-step lr scheduler before on_train_batch_end, so reading it there gives the next step's
+        self._step_lr: float | None = None
         self._want_steps = False  # the current step has a ``steps`` row (decided at batch start)
         self._steps_live = self._weights_live = True  # some schedule may fire (set at train start)
         self._next_due: float = 0
@@ -317,6 +320,7 @@ class PatternRecorder(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self._want_steps:
             self._grad_norm = _grad_norm(self._params) if self._on_accelerator else _grad_norm_cpu(self._params)
+            self._step_lr = _optimizer_lr(optimizer)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -764,6 +768,7 @@ class PatternRecorder(Callback):
             self._want_steps = False
             loss = _loss_of(outputs).detach()
             gn, self._grad_norm = self._grad_norm, None
+            lr, self._step_lr = self._step_lr, None
             if self._on_accelerator:  # one tensor, for the single host copy
                 gn = gn.float() if gn is not None else torch.tensor(float("nan"), device=loss.device)
                 scalars = torch.stack([loss.float().reshape(()), gn.reshape(()).to(loss.device)])
@@ -773,7 +778,7 @@ class PatternRecorder(Callback):
             meta = {
                 "step": step,
                 "epoch": trainer.current_epoch,
-                "lr": _lr(trainer),
+                "lr": lr if lr is not None else _lr(trainer),
                 "batch_size": (ids.numel() if ids is not None else _batch_len(batch)) * self._world * _accumulation(trainer),
                 "wall_time": time.time(),
             }
@@ -1025,6 +1030,13 @@ def _loss_of(outputs: Any) -> torch.Tensor:
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
         return loss
     return torch.tensor(float("nan"))
+
+
+def _optimizer_lr(optimizer: Any) -> float | None:
+    try:
+        return float(optimizer.param_groups[0]["lr"])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _lr(trainer: Trainer) -> float:
