@@ -256,15 +256,30 @@ def log_results(
     wandb_dir: str | None = None,
     config: dict[str, Any] | None = None,
 ) -> Any:
-    """Log the result tables to W&B (warning on failure; the Parquet files are already written)."""
-    from dynatrack.tracking import log_analysis
+    """Write the plots (``<run>/plots/*.png``) and the workspace spec, then log the result tables,
+    the training curves, the partition sizes and the plots to W&B (warning on failure; the
+    Parquet files are already written)."""
+    from dynatrack.tracking import history_rows, log_analysis
+    from dynatrack.tracking.dashboard import plot_tables, run_views, write_plots, write_workspace
+    from dynatrack.tracking.wandb_logger import PLOTS_PREFIX, TABLES_PREFIX, resolve_mode
 
     views, dims, summaries = wandb_views(results)
-    if not views:
+    train_views, train_dims, partitions = run_views(run)
+    views, dims = {**train_views, **views}, {**train_dims, **dims}
+    cfg = config or {}
+    images = write_plots(run, plot_tables(run, results, views, partitions, split=cfg.get("split", "train"),
+                                          seed=cfg.get("seed", 0)))
+    if not views and not images:
         return None
-    return log_analysis(views, dims=dims, run_id=run.run_id, project=project, group=group, mode=mode,  # type: ignore[arg-type]
-                        wandb_dir=wandb_dir, config={"run_dir": run.path, **(config or {})},
-                        summary_tables=summaries)
+    res = log_analysis(views, dims=dims, run_id=run.run_id, project=project, group=group, mode=mode,  # type: ignore[arg-type]
+                       wandb_dir=wandb_dir, config={"run_dir": run.path, **cfg},
+                       summary_tables=summaries, images=images)
+    keys = list(res.keys) if res is not None else [
+        *(k for _, row in history_rows(views, dims) for k in row),
+        *(f"{TABLES_PREFIX}/{k}" for k in summaries), *(f"{PLOTS_PREFIX}/{k}" for k in images)]
+    write_workspace(run, keys, project=project, mode=resolve_mode(mode),  # type: ignore[arg-type]
+                    entity=res.entity if res is not None else None)
+    return res
 
 
 def summary_rows(results: dict[str, pa.Table]) -> list[dict[str, Any]]:
