@@ -15,54 +15,8 @@ from typing import Any
 log = logging.getLogger("dynatrack")
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _steps_text(steps: list[int], limit: int = 12) -> str:
-    if len(steps) <= limit:
-        return ", ".join(map(str, steps))
-    head = ", ".join(map(str, steps[: limit - 3]))
-    return f"{head}, ..., {', '.join(map(str, steps[-2:]))} ({len(steps)} steps)"
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """Print what a run holds as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]run[/bold] {summary['run_id']}  [dim]{summary['path']}[/dim]")
-    console.print(
-        f"schema v{summary['schema_version']}, world size {summary['world_size']}, ranks {summary['ranks']}, "
-        f"attempts {len(summary.get('attempts') or [])}"
-    )
-    probe = summary.get("probe") or {}
-    if probe:
-        console.print(f"probe: {probe.get('size')} samples {probe.get('splits')}, {probe.get('num_classes')} classes")
-    layers = Table(title="layers")
-    layers.add_column("layer")
-    layers.add_column("width", justify="right")
-    for layer in summary["layers"]:
-        layers.add_row(layer["name"], str(layer["width"]))
-    console.print(layers)
-    console.print(f"pattern steps: {_steps_text(summary['pattern_steps'])}")
-    console.print(f"checkpoints:   {_steps_text(summary['checkpoint_steps'])}")
-    tables = Table(title="tables")
-    for col in ("table", "files", "rows", "bytes"):
-        tables.add_column(col, justify="left" if col == "table" else "right")
-    for kind, t in summary["tables"].items():
-        tables.add_row(kind, str(t["files"]), f"{t['rows']:,}", _human(t["bytes"]))
-    tables.add_row("checkpoints", str(len(summary["checkpoint_steps"])), "", _human(summary["checkpoint_bytes"]))
-    tables.add_row("probe set", "", "", _human(summary.get("probe_bytes", 0)))
-    if summary.get("analysis_bytes"):
-        tables.add_row("analysis", "", "", _human(summary["analysis_bytes"]))
-    console.print(tables)
-    console.print(f"total on disk: {_human(summary['total_bytes'])}")
+# re-exported: the summary printer lives in dynatrack.console (no import circle with dynatrack.demo)
+from dynatrack.console import print_summary  # noqa: E402
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -127,11 +81,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(argv: list[str]) -> int:
+    import time
+
     from lightning.pytorch.cli import LightningCLI
 
+    from dynatrack.console import find_recorder, print_fit_report, quiet_third_party, setup_logging
+
+    setup_logging()
+    quiet_third_party()
+    start = time.perf_counter()
     # No SaveConfigCallback: it would write config.yaml into the working directory; the
     # run's manifest records the model class and init args instead.
-    LightningCLI(args=["fit", *argv], save_config_callback=None, auto_configure_optimizers=False)
+    cli = LightningCLI(args=["fit", *argv], save_config_callback=None, auto_configure_optimizers=False)
+    if "--help" in argv or "-h" in argv or "--print_config" in " ".join(argv):
+        return 0
+    # rank 0 only: the run summary and directory, as the demo prints them
+    print_fit_report(cli.trainer, find_recorder(cli.trainer), elapsed=time.perf_counter() - start)
     return 0
 
 
@@ -179,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_fit(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from dynatrack.console import setup_logging
+
+    setup_logging(args.verbose)
     warnings.filterwarnings("ignore", module="lightning")
     try:
         return int(args.func(args) or 0)

@@ -190,7 +190,8 @@ def plot_partitions(counts: pa.Table, path: PathLike) -> None:
             for si, s in enumerate(steps):
                 stack[li, si] = n[(step == s) & (part == label)].sum()
         ax.stackplot(steps, stack, labels=labels, alpha=0.85, step="post")
-        ax.set_title(f"neuron partitions, {layer}")
+        splits = sorted(set(counts.column("split").to_pylist())) if "split" in counts.column_names else []
+        ax.set_title(f"neuron partitions, {layer}" + (f" ({', '.join(splits)} probe)" if splits else ""))
         ax.set_ylabel("neurons")
         _step_axis(ax, steps)
         ax.legend(fontsize=7, loc="upper right")
@@ -261,7 +262,7 @@ def plot_slices(panels: Sequence[dict[str, Any]], path: PathLike, *, edges: bool
     """
     if not panels:
         raise ValueError("plot_slices: no panels")
-    fig, axes = _figure(len(panels), width=3.4, height=3.5, ncols=min(len(panels), 4))
+    fig, axes = _figure(len(panels), width=3.4, height=3.8, ncols=min(len(panels), 4))
     drawn = []
     for ax, panel in zip(axes, panels):
         coll = draw_slice(ax, panel["polygons"], panel["patterns"], points=panel.get("points"), edges=edges)
