@@ -1,4 +1,5 @@
-"""What ``dynatrack demo`` and ``dynatrack fit`` print: the run summary, the fit report, and quiet
+"""What ``dynatrack demo`` and ``dynatrack fit`` print: the fit report (the run summary of
+:mod:`dynatrack.report`, one line on the fit, the run directory), training progress, and quiet
 third-party output (Lightning's promotional tips dropped, no doubled log lines).
 
 >>> quiet_third_party()                    # idempotent; keeps Lightning's other messages
@@ -53,56 +54,6 @@ def setup_logging(verbose: bool = False) -> None:
     logger.propagate = False
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _steps_text(steps: list[int], limit: int = 12) -> str:
-    if len(steps) <= limit:
-        return ", ".join(map(str, steps))
-    head = ", ".join(map(str, steps[: limit - 3]))
-    return f"{head}, ..., {', '.join(map(str, steps[-2:]))} ({len(steps)} steps)"
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """Print what a run holds (``Run.summary()``) as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]run[/bold] {summary['run_id']}  [dim]{summary['path']}[/dim]")
-    console.print(
-        f"schema v{summary['schema_version']}, world size {summary['world_size']}, ranks {summary['ranks']}, "
-        f"attempts {len(summary.get('attempts') or [])}"
-    )
-    probe = summary.get("probe") or {}
-    if probe:
-        console.print(f"probe: {probe.get('size')} samples {probe.get('splits')}, {probe.get('num_classes')} classes")
-    layers = Table(title="layers")
-    layers.add_column("layer")
-    layers.add_column("width", justify="right")
-    for layer in summary["layers"]:
-        layers.add_row(layer["name"], str(layer["width"]))
-    console.print(layers)
-    console.print(f"pattern steps: {_steps_text(summary['pattern_steps'])}")
-    console.print(f"checkpoints:   {_steps_text(summary['checkpoint_steps'])}")
-    tables = Table(title="tables")
-    for col in ("table", "files", "rows", "bytes"):
-        tables.add_column(col, justify="left" if col == "table" else "right")
-    for kind, t in summary["tables"].items():
-        tables.add_row(kind, str(t["files"]), f"{t['rows']:,}", _human(t["bytes"]))
-    tables.add_row("checkpoints", str(len(summary["checkpoint_steps"])), "", _human(summary["checkpoint_bytes"]))
-    tables.add_row("probe set", "", "", _human(summary.get("probe_bytes", 0)))
-    if summary.get("analysis_bytes"):
-        tables.add_row("analysis", "", "", _human(summary["analysis_bytes"]))
-    console.print(tables)
-    console.print(f"total on disk: {_human(summary['total_bytes'])}")
-
-
 def fit_metrics(trainer: Any) -> dict[str, float]:
     """The trainer's scalar ``callback_metrics`` (what ``self.log`` produced), as floats."""
     out = {}
@@ -126,6 +77,7 @@ def print_fit_report(trainer: Any, recorder: Any, *, elapsed: float) -> None:
         return
     console = Console()
     if recorder is not None and getattr(recorder, "run_dir", None):
+        from dynatrack.report import print_summary
         from dynatrack.store import open_run
 
         print_summary(open_run(recorder.run_dir).summary())

@@ -126,15 +126,17 @@ def slice_steps(steps: Sequence[int], n: int = SLICE_PANELS) -> list[int]:
 
 
 def slice_panels(run: Run, steps: Sequence[int], *, split: str = "train", seed: int = 0,
-                 model_factory: Callable[[Run], Any] | None = None) -> list[dict[str, Any]]:
+                 trust_model_code: bool = False) -> list[dict[str, Any]]:
     """The exact linear regions of the first analysis slice (``regions.parquet`` item 0 of kind 2d)
     at each of ``steps``: ``[{step, polygons, patterns, points, count}]`` for :func:`plots.plot_slices`.
 
     The slice is the one the regions analyzer counts as item 0 (``choose_triples``: the first
-    probe samples of classes 0, 1, 2), so each panel's polygon count equals that row's ``count``.
+    probe samples of classes 0, 1, 2), through the same model chain
+    (:func:`~dynatrack.parallel.tasks.region_chain`: the stored description, never an import
+    unless ``trust_model_code``), so each panel's polygon count equals that row's ``count``.
     """
     from dynatrack.analysis import regions as reg
-    from dynatrack.parallel.tasks import build_model, choose_triples
+    from dynatrack.parallel.tasks import choose_triples, region_chain
 
     ids, labels, x = run.probe_inputs(split)
     x = x.reshape(len(x), -1).astype(np.float64)
@@ -145,13 +147,9 @@ def slice_panels(run: Run, steps: Sequence[int], *, split: str = "train", seed: 
     sl = reg.slice_through(x[a], x[b], x[c])
     basis = np.stack([sl.u1, sl.u2])
     points = (x[[a, b, c]] - sl.origin) @ basis.T / (basis**2).sum(axis=1)
-    input_shape = (run.manifest.get("probe") or {}).get("input_shape") or [x.shape[1]]
-    model = (model_factory or build_model)(run)
     panels = []
     for step in steps:
-        model.load_state_dict(run.checkpoint(step))
-        model.eval()
-        layers = reg.piecewise_linear_layers(model, input_shape)
+        layers = region_chain(run, step, trust_model_code=trust_model_code)
         r = reg.count_regions_2d(layers, sl.origin, sl.u1, sl.u2)
         panels.append({"step": int(step), "polygons": r.polygons(), "patterns": r.patterns,
                        "points": points, "count": r.count})
@@ -162,8 +160,8 @@ def slice_panels(run: Run, steps: Sequence[int], *, split: str = "train", seed: 
 
 
 def plot_tables(run: Run, results: Mapping[str, pa.Table], views: Mapping[str, pa.Table],
-                partitions: pa.Table | None = None, *, split: str = "train",
-                seed: int = 0) -> dict[str, Callable[[io.BytesIO], Any]]:
+                partitions: pa.Table | None = None, *, split: str = "train", seed: int = 0,
+                trust_model_code: bool = False) -> dict[str, Callable[[io.BytesIO], Any]]:
     """name -> a function drawing that plot into a file object, for the plots this run has data for.
 
     ``views``: the W&B views (``train``, ``patterns``); ``partitions``: :func:`partition_counts`;
@@ -186,7 +184,8 @@ def plot_tables(run: Run, results: Mapping[str, pa.Table], views: Mapping[str, p
         r2 = results["regions"].filter(pc.equal(results["regions"].column("kind"), "2d"))
         if r2.num_rows:
             steps = slice_steps(r2.column("step").to_pylist())
-            out["slices"] = lambda f: plots.plot_slices(slice_panels(run, steps, split=split, seed=seed), f)
+            out["slices"] = lambda f: plots.plot_slices(
+                slice_panels(run, steps, split=split, seed=seed, trust_model_code=trust_model_code), f)
     if "local_complexity" in results and results["local_complexity"].num_rows:
         out["local_complexity"] = lambda f: plots.plot_local_complexity(results["local_complexity"], f)
     return out
