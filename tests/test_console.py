@@ -33,7 +33,7 @@ def _doubled(text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_demo_prints_progress_summary_and_run_directory_and_no_tips(tmp_path):
-    proc = _run("demo", "--steps", "20", "--devices", "2", "--root", str(tmp_path / "runs"), "--run-name", "d",
+    proc = _run("demo", "--single", "--steps", "20", "--devices", "2", "--root", str(tmp_path / "runs"), "--run-name", "d",
                 "--no-analyze", cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
