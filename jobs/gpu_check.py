@@ -70,8 +70,9 @@ def fit(root: str, run_name: str, device: str, devices: int, steps: int) -> None
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=64, seed=0)
     model = DigitsMLP(hidden=HIDDEN, lr=1e-3)
-    rec = PatternRecorder(root, run_name=run_name, probe=dm.probe(), schedule=schedules.log_spaced(dense=5),
-                          batch_schedule=schedules.every(10), seed=0)
+    probe_steps, batch_steps = schedules.log_spaced(dense=5), schedules.every(10)
+    rec = PatternRecorder(root, run_name=run_name, probe=dm.probe(), schedule=probe_steps, batch_schedule=batch_steps,
+                          checkpoint_schedule=schedules.union([probe_steps, batch_steps]), seed=0)
     trainer = pl.Trainer(accelerator=device, devices=devices, strategy="ddp" if devices > 1 else "auto",
                          max_steps=steps, callbacks=[rec], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
