@@ -74,6 +74,8 @@ def _step_axis(ax: Any, steps: np.ndarray) -> None:
     ax.set_xlabel("training step")
     if steps.size and steps.min() >= 0 and steps.max() > 50 * max(1, np.min(steps[steps > 0], initial=steps.max())):
         ax.set_xscale("symlog", linthresh=1)
+    if steps.size:
+        ax.set_xlim(float(steps.min()), float(steps.max()) if steps.max() > steps.min() else float(steps.min()) + 1)
     ax.grid(alpha=0.3)
 
 
@@ -140,6 +142,8 @@ def plot_regions(regions: pa.Table, path: PathLike) -> None:
             ax.fill_between(steps, lo, hi, alpha=0.2)
     axes[0].set_title("linear regions (exact count)")
     axes[0].set_ylabel("regions per segment / slice")
+    if all(_col(regions, "count") > 0):
+        axes[0].set_yscale("log")  # segments count tens, slices thousands
     axes[1].set_title("regions / (N^d / d!)")
     axes[1].set_ylabel("normalized count")
     for ax in axes:
