@@ -83,6 +83,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         wandb_mode=args.wandb or wandb_opts.get("mode", "offline"),
         project=args.project or wandb_opts.get("project", "dynatrack"),
         group=args.group or wandb_opts.get("group"),
+        wandb_init_timeout=wandb_opts.get("init_timeout"),
     )
     return 0
 

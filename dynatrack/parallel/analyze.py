@@ -33,6 +33,11 @@ from dynatrack.store.schema import ANALYSIS
 
 log = logging.getLogger(__name__)
 
+TASK_RETRIES = 3
+"""Ray retries of an analysis task whose worker process died (killed, OOM, node lost); the tasks only
+read the run directory and return tables, so a retry computes the same result. An exception raised by
+the task itself is not retried (it would fail again)."""
+
 
 def plan_step_ranges(steps: Sequence[int], n_tasks: int) -> list[list[int]]:
     """Split sorted ``steps`` into at most ``n_tasks`` contiguous, near-equal ranges."""
@@ -94,7 +99,9 @@ def analyze_run(
     run = open_run(run_dir)
     recorded = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
     early_plan = early.plan(run, cfg)  # partitions, early_stage: skipped with a reason when they do not apply
-    pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded, bool(early_plan.partition_steps or early_plan.early_steps))
+    # a skipped early analyzer is reported with its reason below, not as "nothing to analyze"
+    pattern_steps, weight_steps = _steps_to_analyze(
+        run, cfg, recorded, bool(early_plan.partition_steps or early_plan.early_steps or early_plan.skipped))
     weight_kinds = [a for a in cfg.analyzers if a in ("regions", "local_complexity")]
     skipped: dict[str, str] = dict(early_plan.skipped)  # early.plan logged its own
     if weight_kinds and weight_steps:
@@ -134,8 +141,8 @@ def _run_tasks(
         # finished (a warm Ray), which planned tasks for a single CPU
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_tasks = cpus * tasks_per_cpu
-        pattern_fn = ray.remote(num_cpus=1)(pattern_task)
-        weights_fn = ray.remote(num_cpus=1)(weights_task)
+        pattern_fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(pattern_task)
+        weights_fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(weights_task)
         refs: list[Any] = []
         if "patterns" in cfg.analyzers:
             all_steps = recorded
@@ -292,13 +299,14 @@ def log_results(
     group: str | None = None,
     wandb_dir: str | None = None,
     config: dict[str, Any] | None = None,
+    init_timeout: float | None = None,
 ) -> Any:
     """Write the plots (``<run>/plots/*.png``) and the workspace spec, then log the result tables,
     the training curves, the partition sizes and the plots to W&B (warning on failure; the
     Parquet files are already written)."""
     from dynatrack.tracking import history_rows, log_analysis
     from dynatrack.tracking.dashboard import plot_tables, run_views, write_plots, write_workspace
-    from dynatrack.tracking.wandb_logger import PLOTS_PREFIX, TABLES_PREFIX, resolve_mode
+    from dynatrack.tracking.wandb_logger import INIT_TIMEOUT, PLOTS_PREFIX, TABLES_PREFIX, resolve_mode
 
     views, dims, summaries = wandb_views(results)
     skipped = {f"{SKIPPED}/{name}": reason for name, reason in skipped_analyzers(results).items()}
@@ -312,7 +320,8 @@ def log_results(
         return None
     res = log_analysis(views, dims=dims, run_id=run.run_id, project=project, group=group, mode=mode,  # type: ignore[arg-type]
                        wandb_dir=wandb_dir, config={"run_dir": run.path, **cfg},
-                       summary_tables=summaries, images=images, summary=skipped)
+                       summary_tables=summaries, images=images, summary=skipped,
+                       init_timeout=INIT_TIMEOUT if init_timeout is None else init_timeout)
     keys = list(res.keys) if res is not None else [
         *(k for _, row in history_rows(views, dims) for k in row),
         *(f"{TABLES_PREFIX}/{k}" for k in summaries), *(f"{PLOTS_PREFIX}/{k}" for k in images)]
@@ -392,8 +401,14 @@ def analyze_and_report(
     project: str = "dynatrack",
     group: str | None = None,
     wandb_dir: str | None = None,
+    wandb_init_timeout: float | None = None,
 ) -> dict[str, pa.Table]:
-    """:func:`analyze_run`, then W&B logging and a printed summary (what the CLI and the demo do)."""
+    """:func:`analyze_run`, then W&B logging and a printed summary (what the CLI and the demo do).
+
+    The Parquet results are written before W&B is contacted; a W&B failure (an unreachable server
+    online gives up after ``wandb_init_timeout`` seconds, default 30) is one warning and the results
+    are returned as usual.
+    """
     from rich.console import Console
 
     from dynatrack.tracking import resolve_mode
@@ -411,7 +426,7 @@ def analyze_and_report(
         console.print(f"skipped {name}: {reason}", markup=False)
     res = log_results(run, results, mode=wandb_mode, project=project, group=group,
                       wandb_dir=wandb_dir or run.loc.join(ANALYSIS, "wandb") if _is_local(run) else wandb_dir,
-                      config=(config or AnalyzeConfig()).to_dict())
+                      config=(config or AnalyzeConfig()).to_dict(), init_timeout=wandb_init_timeout)
     if run.loc.exists("plots"):
         console.print(f"plots: {run.loc.join('plots')}/")
     if res is not None:

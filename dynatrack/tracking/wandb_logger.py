@@ -54,6 +54,9 @@ OnError = Literal["warn", "raise"]
 STEP_KEY = "trainer/step"
 """The x-axis of every analyzer series: the training step (number of optimizer updates)."""
 
+INIT_TIMEOUT = 30.0
+"""Seconds W&B may take to start a run (its own default, 90 s, is long for an unreachable server)."""
+
 TABLES_PREFIX = "tables"
 PLOTS_PREFIX = "plots"
 _RESERVED_ANALYZERS = frozenset({"trainer", TABLES_PREFIX, PLOTS_PREFIX})
@@ -188,6 +191,7 @@ def log_analysis(
     summary: Mapping[str, Any] | None = None,
     rank: int = 0,
     on_error: OnError = "warn",
+    init_timeout: float = INIT_TIMEOUT,
 ) -> WandbResult | None:
     """Log analyzer result tables of one training run as one W&B run.
 
@@ -222,6 +226,9 @@ def log_analysis(
         on_error: what a W&B failure (import, init, disk, network, ...) does:
             ``"warn"`` (default) logs a warning and returns None, ``"raise"`` raises
             `TrackingError` from it.
+        init_timeout: seconds W&B may take to start the run (``wandb.Settings(init_timeout=)``;
+            W&B's own default is 90). An unreachable server online fails after about this long,
+            with one warning. ``WANDB_INIT_TIMEOUT``, when set, wins.
 
     Returns:
         Where the run went, or None (other rank, disabled, or a W&B failure with
@@ -236,6 +243,8 @@ def log_analysis(
         return None
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+    if not isinstance(init_timeout, (int, float)) or not init_timeout > 0:
+        raise ValueError(f"init_timeout must be a number of seconds > 0, got {init_timeout!r}")
     resolved = resolve_mode(mode)
     if resolved == "disabled":
         return None
@@ -260,10 +269,12 @@ def log_analysis(
             wandb_dir=None if wandb_dir is None else Path(wandb_dir),
             config=config,
             summary=dict(summary or {}),
+            init_timeout=init_timeout,
         )
     except Exception as exc:  # noqa: BLE001 - any W&B failure must not lose the run's results
+        detail = " ".join(str(exc).split())  # one line: W&B's errors span several
         message = (
-            f"W&B logging of run {run_id!r} failed ({type(exc).__name__}: {exc}); the analysis "
+            f"W&B logging of run {run_id!r} failed ({type(exc).__name__}: {detail}); the analysis "
             "results on disk are unaffected, re-run the logging to retry."
         )
         if on_error == "raise":
@@ -361,6 +372,7 @@ def _log_to_wandb(
     wandb_dir: Path | None,
     config: dict[str, Any],
     summary: dict[str, Any] | None = None,
+    init_timeout: float = INIT_TIMEOUT,
 ) -> WandbResult:
     import wandb
 
@@ -381,7 +393,7 @@ def _log_to_wandb(
         reinit="create_new",  # never finish a run the caller (e.g. a Lightning WandbLogger) holds
         mode=mode,
         dir=None if wandb_dir is None else str(wandb_dir),
-        settings=wandb.Settings(silent=True, console="off", disable_git=True),
+        settings=wandb.Settings(silent=True, console="off", disable_git=True, **_init_timeout(init_timeout)),
     )
     exit_code = 1
     try:
@@ -426,6 +438,13 @@ def _log_to_wandb(
         return result
     finally:
         run.finish(exit_code=exit_code)
+
+
+def _init_timeout(seconds: float) -> dict[str, float]:
+    """``init_timeout`` for ``wandb.Settings``, unless the user set W&B's own ``WANDB_INIT_TIMEOUT``."""
+    if os.environ.get("WANDB_INIT_TIMEOUT"):
+        return {}
+    return {"init_timeout": float(seconds)}
 
 
 def _metric_columns(analyzer: str, table: pa.Table, analyzer_dims: list[str]) -> list[str]:
