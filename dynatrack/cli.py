@@ -97,11 +97,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(argv: list[str]) -> int:
+    import time
+
     from lightning.pytorch.cli import LightningCLI
 
+    from dynatrack.console import find_recorder, print_fit_report, quiet_third_party, setup_logging
+
+    setup_logging()
+    quiet_third_party()
+    start = time.perf_counter()
     # No SaveConfigCallback: it would write config.yaml into the working directory; the
     # run's manifest records the model class and init args instead.
-    LightningCLI(args=["fit", *argv], save_config_callback=None, auto_configure_optimizers=False)
+    cli = LightningCLI(args=["fit", *argv], save_config_callback=None, auto_configure_optimizers=False)
+    if "--help" in argv or "-h" in argv or "--print_config" in " ".join(argv):
+        return 0
+    # rank 0 only: the run summary and directory, as the demo prints them
+    print_fit_report(cli.trainer, find_recorder(cli.trainer), elapsed=time.perf_counter() - start)
     return 0
 
 
@@ -217,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_fit(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from dynatrack.console import setup_logging
+
+    setup_logging(args.verbose)
     warnings.filterwarnings("ignore", module="lightning")
     try:
         return int(args.func(args) or 0)

@@ -24,12 +24,13 @@ DUMMY_KEY = "dummy0" + "k" * 34  # 40 characters, like a real key; never a real 
 
 
 def recorded_files(run_dir: str) -> dict[str, str]:
-    """``{path: sha256}`` of every file of the run outside ``analysis/``: what an analysis must not change."""
+    """``{path: sha256}`` of every file of the run outside ``analysis/`` and ``plots/`` (the analysis'
+    outputs): what an analysis must not change."""
     import hashlib
 
     root = Path(run_dir)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).parts[0] != "analysis"}
+            if p.is_file() and p.relative_to(root).parts[0] not in ("analysis", "plots")}
 
 
 def _closed_port() -> int:
