@@ -198,7 +198,8 @@ def _inprocess_fit(root: Path, ckpt_dir: Path, steps: int, resume: str | None = 
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=32)
     rec = PatternRecorder(str(root), run_name="f", probe=dm.probe(), schedule=schedules.every(2),
-                          batch_schedule=schedules.every(3))
+                          batch_schedule=schedules.every(3),
+                          checkpoint_schedule=schedules.union([schedules.every(2), schedules.every(3)]))
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1, filename="{step}")
     trainer = pl.Trainer(accelerator="cpu", devices=1, callbacks=[rec, ckpt], max_steps=steps, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

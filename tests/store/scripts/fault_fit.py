@@ -45,7 +45,9 @@ if __name__ == "__main__":
     model = DigitsMLP(hidden=[20, 12], lr=1e-2)
     callbacks: list[pl.Callback] = [Kill(**cfg["kill"])] if cfg.get("kill") else []
     callbacks.append(PatternRecorder(cfg["root"], run_name=cfg["name"], probe=dm.probe(), schedule=schedules.every(2),
-                                     batch_schedule=schedules.every(3)))
+                                     batch_schedule=schedules.every(3),
+                                     # weights (and so steps rows) at the batch steps too, as the checks expect
+                                     checkpoint_schedule=schedules.union([schedules.every(2), schedules.every(3)])))
     callbacks.append(ModelCheckpoint(dirpath=cfg["ckpt_dir"], every_n_train_steps=cfg.get("ckpt_every", 5),
                                      save_top_k=-1, filename="{step}"))
     devices = int(cfg.get("devices", 1))
