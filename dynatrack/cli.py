@@ -12,63 +12,18 @@ import sys
 import warnings
 from typing import Any
 
+from dynatrack.report import print_summary  # noqa: F401  (cli.print_summary stays importable)
+
 log = logging.getLogger("dynatrack")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _steps_text(steps: list[int], limit: int = 12) -> str:
-    if len(steps) <= limit:
-        return ", ".join(map(str, steps))
-    head = ", ".join(map(str, steps[: limit - 3]))
-    return f"{head}, ..., {', '.join(map(str, steps[-2:]))} ({len(steps)} steps)"
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """Print what a run holds as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]run[/bold] {summary['run_id']}  [dim]{summary['path']}[/dim]")
-    console.print(
-        f"schema v{summary['schema_version']}, world size {summary['world_size']}, ranks {summary['ranks']}, "
-        f"attempts {len(summary.get('attempts') or [])}"
-    )
-    probe = summary.get("probe") or {}
-    if probe:
-        console.print(f"probe: {probe.get('size')} samples {probe.get('splits')}, {probe.get('num_classes')} classes")
-    layers = Table(title="layers")
-    layers.add_column("layer")
-    layers.add_column("width", justify="right")
-    for layer in summary["layers"]:
-        layers.add_row(layer["name"], str(layer["width"]))
-    console.print(layers)
-    console.print(f"pattern steps: {_steps_text(summary['pattern_steps'])}")
-    console.print(f"checkpoints:   {_steps_text(summary['checkpoint_steps'])}")
-    tables = Table(title="tables")
-    for col in ("table", "files", "rows", "bytes"):
-        tables.add_column(col, justify="left" if col == "table" else "right")
-    for kind, t in summary["tables"].items():
-        tables.add_row(kind, str(t["files"]), f"{t['rows']:,}", _human(t["bytes"]))
-    tables.add_row("checkpoints", str(len(summary["checkpoint_steps"])), "", _human(summary["checkpoint_bytes"]))
-    tables.add_row("probe set", "", "", _human(summary.get("probe_bytes", 0)))
-    if summary.get("analysis_bytes"):
-        tables.add_row("analysis", "", "", _human(summary["analysis_bytes"]))
-    console.print(tables)
-    console.print(f"total on disk: {_human(summary['total_bytes'])}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dynatrack.store import open_run
+    from dynatrack.store.reader import IncompleteStepsWarning
 
-    summary = open_run(args.run_dir).summary()
+    with warnings.catch_warnings():  # the summary lists the incomplete steps per rank itself
+        warnings.simplefilter("ignore", IncompleteStepsWarning)
+        summary = open_run(args.run_dir).summary()
     if args.json:
         json.dump(summary, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -78,6 +33,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.single:
+        from dynatrack.sweep.demo import run_sweep_demo
+
+        return run_sweep_demo(root=args.root, name=args.run_name, num_cpus=args.num_cpus)
     from dynatrack.demo import run_demo
 
     return run_demo(root=args.root, steps=args.steps, devices=args.devices, run_name=args.run_name,
@@ -114,6 +73,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         cfg.__post_init__()
     if args.steps:
         cfg = replace(cfg, steps=tuple(int(s) for s in args.steps.split(",")))
+    if args.trust_model_code:
+        cfg = replace(cfg, trust_model_code=True)
     analyze_and_report(
         args.run_dir,
         config=cfg,
@@ -126,6 +87,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dynatrack.sweep.compare import compare_sweep
+
+    compare_sweep(args.sweep_dir, address=args.address, num_cpus=args.num_cpus, wandb_mode=args.wandb,
+                  project=args.project)
+    return 0
+
+
 def cmd_fit(argv: list[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
@@ -135,18 +104,64 @@ def cmd_fit(argv: list[str]) -> int:
     return 0
 
 
+def print_sweep(result: dict[str, Any]) -> None:
+    """The sweep summary: one row per trial (status, steps, wall time, final accuracies, error)."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep {Path(result['sweep_dir']).name}")
+    for col in ("trial", "batch", "seed", "budget", "lr", "steps", "status", "wall s", "train acc", "test acc", "error"):
+        table.add_column(col, justify="left" if col in ("trial", "budget", "status", "error") else "right")
+    for t in result["trials"]:
+        metrics: dict[str, Any] = {}
+        info = Path(result["sweep_dir"], t["trial_id"], "trial.json")
+        if t["status"] == "finished" and info.exists():
+            metrics = json.loads(info.read_text()).get("final_metrics") or {}
+        acc = lambda k: "" if metrics.get(k) is None else f"{metrics[k]:.3f}"  # noqa: E731
+        status = t["status"] + (" (kept)" if t["trial_id"] in result["skipped"] else "")
+        table.add_row(t["trial_id"], str(t["batch_size"]), str(t["seed"]), t["budget"], f"{t['lr']:g}",
+                      str(t["max_steps"]), status, "" if t["wall_time_s"] is None else f"{t['wall_time_s']:.1f}",
+                      acc("train_acc"), acc("test_acc"), t["error"] or "")
+    console = Console()
+    console.print(table)
+    n = len(result["trials"])
+    console.print(f"{n - len(result['failed'])}/{n} trials finished ({len(result['ran'])} run now, "
+                  f"{len(result['skipped'])} kept from before); sweep directory {result['sweep_dir']}")
+    if result["failed"]:
+        console.print(f"[red]failed: {', '.join(result['failed'])}[/red]; re-run the same command to retry them")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dynatrack.parallel.sweep import run_sweep
+    from dynatrack.sweep.config import load_config
+
+    cfg = load_config(args.config)
+    if args.root is not None:
+        cfg["root"] = args.root
+    result = run_sweep(cfg, address=args.address, num_cpus=args.num_cpus, wandb_mode=args.wandb)
+    print_sweep(result)
+    return 1 if result["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynatrack", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train an MLP on digits with 2 CPU DDP ranks, record and summarize")
+    p = sub.add_parser("demo", help="a small batch-size study on digits (sweep + compare); --single: one recorded "
+                                     "DDP run")
     p.add_argument("--root", default="runs", help="runs root (default ./runs)")
-    p.add_argument("--run-name", default=None, help="run id (default: a fresh timestamped id)")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
-    p.add_argument("--devices", type=int, default=2, help="CPU DDP processes (default 2)")
+    p.add_argument("--run-name", default=None, help="run id, or the sweep id (default: a fresh timestamped id)")
+    p.add_argument("--steps", type=int, default=400, help="--single: optimizer steps (default 400)")
+    p.add_argument("--devices", type=int, default=2, help="--single: CPU DDP processes (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-analyze", action="store_true", help="only record, skip the analyzers")
+    p.add_argument("--no-analyze", action="store_true", help="--single: only record, skip the analyzers")
+    p.add_argument("--single", action="store_true",
+                   help="the single recorded DDP run (the default demo is a small batch-size sweep + compare)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the sweep demo's local Ray (default 2)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("fit", help="LightningCLI fit, e.g. dynatrack fit --config configs/digits.yaml",
@@ -158,13 +173,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML with analysis/ray/wandb sections (configs/analyze.yaml)")
     p.add_argument("--address", default=None, help="Ray cluster ('auto', host:port); default: a local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--analyzers", default=None, help="comma list of patterns,regions,local_complexity")
+    p.add_argument("--analyzers", default=None, help="comma list of patterns,regions,local_complexity,early_stage,partitions")
     p.add_argument("--steps", default=None, help="comma list of steps (default: all recorded)")
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled", "auto"],
                    help="W&B mode (default offline)")
     p.add_argument("--project", default=None, help="W&B project (default dynatrack)")
     p.add_argument("--group", default=None, help="W&B group (experiment name)")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="where the run stores no usable model description, import and call the model class its "
+                        "manifest names (runs code from the run directory: only for runs you trust)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("sweep", help="a Ray Tune grid of recorded Ray Train fits over batch sizes and seeds")
+    p.add_argument("--config", required=True, help="sweep YAML (configs/batch_sweep.yaml)")
+    p.add_argument("--address", default=None, help="Ray cluster ('auto', host:port); default: a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--root", default=None, help="override the config's root")
+    p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled", "auto"],
+                   help="W&B mode of the per-trial runs (default: the config's, offline)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="small- vs large-batch comparison of a sweep: table, plots, W&B group")
+    p.add_argument("sweep_dir", help="the sweep directory, runs/<sweep_id>")
+    p.add_argument("--address", default=None, help="Ray cluster ('auto', host:port); default: a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled", "auto"],
+                   help="W&B mode (default offline, under <sweep>/wandb/)")
+    p.add_argument("--project", default="dynatrack", help="W&B project (default dynatrack)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("inspect", help="print what a run directory holds")
     p.add_argument("run_dir")

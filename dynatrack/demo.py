@@ -28,8 +28,8 @@ def run_demo(
     import torch
 
     from dynatrack import PatternRecorder, open_run, schedules
-    from dynatrack.cli import print_summary
     from dynatrack.models import DigitsDataModule, DigitsMLP
+    from dynatrack.report import print_summary
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")

@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dynatrack.parallel import early
 from dynatrack.parallel.cluster import ray_session
-from dynatrack.parallel.tasks import NETWORK, AnalyzeConfig, pattern_task, weights_task
+from dynatrack.parallel.tasks import NETWORK, AnalyzeConfig, pattern_task, weight_analyzers_support, weights_task
 from dynatrack.store.fs import RunLocation
 from dynatrack.store.reader import Run, RunError, open_run
 from dynatrack.store.schema import ANALYSIS
@@ -82,26 +83,50 @@ def analyze_run(
             respected), or an existing cluster (``"auto"``, ``host:port``).
         tasks_per_cpu: step ranges per available CPU (load balance vs. overhead).
 
-    Returns the result tables by name (also written to ``<run>/analysis/``).
-    Checks the run, the requested steps and the checkpoints before starting Ray.
+    Returns the result tables by name (also written to ``<run>/analysis/``), with
+    ``"skipped"``: one row ``(analyzer, reason)`` per analyzer that does not apply to the
+    model (regions on a CNN); the others run. Weight analyses rebuild the model from the
+    run's stored description (``model/``); ``config.trust_model_code`` allows importing the
+    class the manifest names where none is usable.
+    Checks the run, the requested steps, the checkpoints and the model before starting Ray.
     """
     cfg = config or AnalyzeConfig()
     run = open_run(run_dir)
     recorded = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
-    pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded)
+    early_plan = early.plan(run, cfg)  # partitions, early_stage: skipped with a reason when they do not apply
+    pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded, bool(early_plan.partition_steps or early_plan.early_steps))
     weight_kinds = [a for a in cfg.analyzers if a in ("regions", "local_complexity")]
+    skipped: dict[str, str] = dict(early_plan.skipped)  # early.plan logged its own
     if weight_kinds and weight_steps:
-        from dynatrack.parallel.tasks import build_model
+        # before Ray: a run without a model description fails here, saying what to do; an
+        # analyzer that does not apply to this model (regions on a CNN) is skipped with its reason
+        weight_skipped = weight_analyzers_support(run, weight_kinds, weight_steps[0], trust_model_code=cfg.trust_model_code)
+        for name, reason in weight_skipped.items():
+            log.warning("analyzer %s skipped for %s: %s", name, run.run_id, reason)
+        skipped.update(weight_skipped)
+        weight_kinds = [a for a in weight_kinds if a not in weight_skipped]
+        if weight_kinds:
+            run.probe_inputs(cfg.split)  # and on a run without the stored probe split
+    if set(cfg.analyzers) <= set(skipped):
+        # nothing asked for applies: say why, rather than write an empty analysis
+        raise RunError("; ".join(f"{k} does not apply: {v}" for k, v in skipped.items()))
+    parts = _run_tasks(run, cfg, address, num_cpus, tasks_per_cpu, progress, recorded, pattern_steps,
+                       weight_kinds if weight_steps else [], weight_steps, early_plan)
+    results = early.finish(run, cfg, _concat(parts))
+    results[SKIPPED] = pa.table({"analyzer": list(skipped), "reason": list(skipped.values())}, schema=SKIPPED_SCHEMA)
+    for name, table in results.items():
+        write_analysis(run, name, table)
+    return results
 
-        model = build_model(run)  # fail now, with the class named, not inside a Ray task
-        run.probe_inputs(cfg.split)  # and on a run without the stored probe split
-        if "regions" in weight_kinds:
-            from dynatrack.analysis.regions import piecewise_linear_layers
 
-            model.load_state_dict(run.checkpoint(weight_steps[0]))
-            model.eval()
-            # raises UnsupportedModelError naming the module the region counter cannot handle
-            piecewise_linear_layers(model, (run.manifest.get("probe") or {}).get("input_shape") or [1])
+def _run_tasks(
+    run: Run, cfg: AnalyzeConfig, address: str | None, num_cpus: int | None, tasks_per_cpu: int, progress: bool,
+    recorded: list[int], pattern_steps: list[int], weight_kinds: list[str], weight_steps: list[int],
+    early_plan: early.Plan,
+) -> list[dict[str, pa.Table]]:
+    if not ("patterns" in cfg.analyzers and pattern_steps) and not weight_kinds and not (
+            early_plan.partition_steps or early_plan.early_steps):
+        return []  # nothing left to compute: no Ray to start
     with ray_session(address, num_cpus=num_cpus):
         import ray
 
@@ -122,14 +147,21 @@ def analyze_run(
             cfg_dict = cfg.to_dict()
             for chunk in plan_step_ranges(weight_steps, n_tasks):
                 refs.append(weights_fn.remote(run.path, chunk, cfg_dict, weight_kinds))
-        parts = _gather(refs, progress)
-    results = _concat(parts)
-    for name, table in results.items():
-        write_analysis(run, name, table)
-    return results
+        refs += early.submit(run, cfg, early_plan, n_tasks)
+        return _gather(refs, progress)
 
 
-def _steps_to_analyze(run: Run, cfg: AnalyzeConfig, recorded: list[int]) -> tuple[list[int], list[int]]:
+SKIPPED = "skipped"  # results[SKIPPED]: one row per analyzer that did not apply to the model, with the reason
+SKIPPED_SCHEMA = pa.schema([("analyzer", pa.string()), ("reason", pa.string())])
+
+
+def skipped_analyzers(results: dict[str, pa.Table]) -> dict[str, str]:
+    """``{analyzer: reason}`` of the analyzers that were skipped (``results["skipped"]``)."""
+    t = results.get(SKIPPED)
+    return {} if t is None else dict(zip(t.column("analyzer").to_pylist(), t.column("reason").to_pylist()))
+
+
+def _steps_to_analyze(run: Run, cfg: AnalyzeConfig, recorded: list[int], others: bool = False) -> tuple[list[int], list[int]]:
     pattern_steps = list(recorded) if "patterns" in cfg.analyzers else []
     ckpt_steps = run.checkpoint_steps()
     weight_steps = ckpt_steps if any(a in cfg.analyzers for a in ("regions", "local_complexity")) else []
@@ -148,7 +180,7 @@ def _steps_to_analyze(run: Run, cfg: AnalyzeConfig, recorded: list[int]) -> tupl
                     "region and local-complexity analyses need the weights of every requested step"
                 )
             weight_steps = wanted
-    if not pattern_steps and not weight_steps:
+    if not pattern_steps and not weight_steps and not others:
         raise RunError(f"run {run.path!r} has nothing to analyze for {list(cfg.analyzers)} "
                        "(no probe patterns and no checkpoints)")
     return pattern_steps, weight_steps
@@ -243,6 +275,7 @@ def wandb_views(results: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], dict
             "mean": pc.divide(pc.cast(t.column("lc_sum"), pa.float64()), pc.cast(t.column("n_samples"), pa.float64())),
         })
         dims["local_complexity"] = ["layer", "radius"]
+    early.wandb_views(results, views, dims)
     return views, dims, summaries
 
 
@@ -260,11 +293,12 @@ def log_results(
     from dynatrack.tracking import log_analysis
 
     views, dims, summaries = wandb_views(results)
-    if not views:
+    skipped = {f"{SKIPPED}/{name}": reason for name, reason in skipped_analyzers(results).items()}
+    if not views and not skipped:
         return None
     return log_analysis(views, dims=dims, run_id=run.run_id, project=project, group=group, mode=mode,  # type: ignore[arg-type]
                         wandb_dir=wandb_dir, config={"run_dir": run.path, **(config or {})},
-                        summary_tables=summaries)
+                        summary_tables=summaries, summary=skipped)
 
 
 def summary_rows(results: dict[str, pa.Table]) -> list[dict[str, Any]]:
@@ -290,6 +324,7 @@ def summary_rows(results: dict[str, pa.Table]) -> list[dict[str, Any]]:
         for step, r, s, n in zip(*(g.column(c).to_pylist() for c in ("step", "radius", "lc_sum_sum", "n_samples_max"))):
             if r == rmax:
                 by_step.setdefault(step, {})[f"LC r={r:g}"] = round(s / n, 2) if n else None
+    early.summary_rows(results, by_step)
     return [{"step": s, **v} for s, v in sorted(by_step.items())]
 
 
@@ -334,7 +369,9 @@ def analyze_and_report(
     print_summary_table(results)
     console = Console()
     console.print(f"analysis of {run.run_id} in {elapsed:.1f} s -> {run.loc.join(ANALYSIS)}/ "
-                  f"({', '.join(sorted(results))})")
+                  f"({', '.join(sorted(n for n, t in results.items() if n != SKIPPED))})")
+    for name, reason in skipped_analyzers(results).items():
+        console.print(f"skipped {name}: {reason}", markup=False)
     res = log_results(run, results, mode=wandb_mode, project=project, group=group,
                       wandb_dir=wandb_dir or run.loc.join(ANALYSIS, "wandb") if _is_local(run) else wandb_dir,
                       config=(config or AnalyzeConfig()).to_dict())

@@ -39,6 +39,15 @@ class AnalyzeConfig:
     churn: bool = True  # pattern churn and per-neuron flips (needs the previous step's rows too)
     network: bool = True  # whole-network patterns (all recorded layers concatenated)
     seed: int = 0
+    # import manifest.model.class_path where the run stores no usable model description:
+    # runs code named in the run directory, so only for a run directory you trust
+    trust_model_code: bool = False
+    # early_stage (dynatrack/parallel/early.py): the loss the run was trained with, on the probe split
+    loss: str = "cross_entropy"  # cross_entropy | mse (torch mse_loss; one-hot targets when >1 output)
+    beta_iters: int = 30  # power-iteration steps for the smoothness estimate β
+    early_lr: float | None = None  # step size η of the bounds; default: the steps table's lr
+    early_min_samples: int = 32  # smallest probe split that may stand in for the training set
+    early_loss_ratio: float = 0.5  # the early stage ends at the first step with L(t) <= ratio * L(0)
 
     def __post_init__(self) -> None:
         unknown = set(self.analyzers) - set(ANALYZERS)
@@ -47,6 +56,8 @@ class AnalyzeConfig:
         for name in ("n_slices", "n_segments", "boundary_samples", "lc_samples", "lc_directions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"loss must be cross_entropy or mse, got {self.loss!r}")
         if any(not r > 0 for r in self.lc_radii):
             raise ValueError(f"lc_radii must be positive, got {self.lc_radii}")
 
@@ -63,7 +74,7 @@ class AnalyzeConfig:
         return asdict(self)
 
 
-ANALYZERS = ("patterns", "regions", "local_complexity")
+ANALYZERS = ("patterns", "regions", "local_complexity", "early_stage", "partitions")
 
 
 # -- patterns ---------------------------------------------------------------------------
@@ -252,16 +263,20 @@ PATTERN_FLIPS = pa.schema([
 # -- weights: regions and local complexity ----------------------------------------------------
 
 
-def build_model(run: Run) -> Any:
-    """Rebuild the recorded model from ``manifest.model`` (class path + init args)."""
+class ModelUnavailableError(RunError):
+    """Weight analyses cannot get the model: no stored description and no ``trust_model_code``."""
+
+
+def _import_model(run: Run) -> Any:
+    """Import ``manifest.model.class_path`` and call it with ``init_args`` (only under ``trust_model_code``)."""
     spec = run.manifest.get("model") or {}
-    path = spec.get("class_path", "")
-    module_name, _, cls_name = path.rpartition(".")
+    path = spec.get("class_path", "") if isinstance(spec, dict) else ""
+    module_name, _, cls_name = str(path).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError, ValueError) as exc:
         raise RunError(
-            f"weight analyses rebuild the model {path!r} from the manifest, but it cannot be imported here "
+            f"--trust-model-code: the model class {path!r} named in {run.path}/manifest.json cannot be imported here "
             f"({exc}); run the analysis where that class is importable (e.g. ray job submit --working-dir .)"
         ) from exc
     try:
@@ -269,6 +284,156 @@ def build_model(run: Run) -> Any:
     except TypeError as exc:
         raise RunError(f"cannot rebuild {path} with init_args {spec.get('init_args')}: {exc}; "
                        "call self.save_hyperparameters() in the LightningModule's __init__") from exc
+
+
+def build_model(run: Run) -> Any:
+    """Deprecated name of the ``trust_model_code`` import; use :func:`load_model`."""
+    return _import_model(run)
+
+
+def _description(run: Run) -> dict[str, Any] | None:
+    from dynatrack.store.model_desc import read_model_description
+
+    return read_model_description(run.loc)
+
+
+def _no_model_error(run: Run, what: str) -> ModelUnavailableError:
+    path = (run.manifest.get("model") or {}).get("class_path") if isinstance(run.manifest.get("model"), dict) else None
+    return ModelUnavailableError(
+        f"{what} need the model, but run {run.path!r} stores no model description (model/description.json: "
+        "recorded by an older dynatrack, or its writing failed). Either re-record the run with this dynatrack, "
+        f"or pass --trust-model-code (Python: trust_model_code=True) to import and call {path!r} as named in its "
+        "manifest.json (only for a run directory you trust: that runs its code), or leave them out with "
+        "--analyzers patterns"
+    )
+
+
+def load_model(run: Run, step: int, *, trust_model_code: bool = False) -> Any:
+    """The recorded model with the weights of checkpoint ``step``, in eval mode, as an ``nn.Module``.
+
+    What weight analyzers call to get a model (the one entry point; nothing named in the
+    run directory is imported unless ``trust_model_code``):
+
+    1. the stored Linear/ReLU chain (:class:`dynatrack.analysis.chain.ChainModule`), when
+       the model is such a chain and the chain covers every recorded layer;
+    2. else the stored ``torch.export`` program (:class:`dynatrack.store.model_desc.ProgramModule`);
+    3. else, only with ``trust_model_code=True``, ``manifest.model.class_path(**init_args)``.
+
+    ``model(x)`` gives the model's output for inputs shaped like the probe's;
+    ``preactivations(model, layers)(x)`` gives ``{recorded layer: z [n, width]}`` for any of
+    the three (the stored ones compute them, the imported class gets hooks).
+    Raises :class:`ModelUnavailableError` (saying what to do) when none of these is available,
+    :class:`~dynatrack.store.model_desc.ModelDescriptionError` for a stored program it refuses.
+
+    >>> model = load_model(open_run("runs/<run_id>"), 100)      # doctest: +SKIP
+    >>> logits, z = model(x), preactivations(model, ["net.1"])(x)   # doctest: +SKIP
+    """
+    from dynatrack.analysis.chain import ChainModule
+
+    desc = _description(run)
+    state = None
+    if desc is not None:
+        chain, program = desc["chain"], desc["program"]
+        recorded = [layer["name"] for layer in run.layers]
+        state = run.checkpoint(step)
+        if chain.get("status") == "ok":
+            module = ChainModule(chain["steps"], state)
+            if set(recorded) <= set(module.names) or program.get("status") != "ok":
+                return module.eval()
+        if program.get("status") == "ok":
+            from dynatrack.store.model_desc import program_module
+
+            return program_module(run.loc, desc, state).eval()
+    if not trust_model_code:
+        if desc is None:
+            raise _no_model_error(run, "weight analyses")
+        raise ModelUnavailableError(
+            f"run {run.path!r} stores no usable model: not a Linear/ReLU chain ({desc['chain'].get('reason')}) and not "
+            f"exported ({desc['program'].get('reason')}); pass --trust-model-code to import the class its manifest names "
+            "(only for a run directory you trust)")
+    model = _import_model(run)
+    model.load_state_dict(state if state is not None else run.checkpoint(step))
+    return model.eval()
+
+
+def preactivations(model: Any, layers: Sequence[str] | None = None) -> Any:
+    """``x -> {layer: pre-activation [n, width]}`` for a module from :func:`load_model`."""
+    from dynatrack.analysis import local_complexity as lcx
+
+    if hasattr(model, "preactivations"):
+        fn = model.preactivations
+        return fn if layers is None else (lambda x: {k: v for k, v in fn(x).items() if k in set(layers)})
+    return lcx.preactivation_fn(model, [name for name in layers or [] if "@" not in name] or None)
+
+
+def region_chain(run: Run, step: int, *, trust_model_code: bool = False) -> list[Any]:
+    """The chain of affine maps and activations at checkpoint ``step`` (``regions.AffineLayer`` list).
+
+    From the stored chain description; with ``trust_model_code`` and no description, traced
+    from the imported class. Raises :class:`~dynatrack.analysis.regions.UnsupportedModelError`
+    with the reason when the model is not such a chain (the regions analyzer then skips).
+    """
+    from dynatrack.analysis import regions as reg
+    from dynatrack.analysis.chain import chain_layers
+
+    desc = _description(run)
+    if desc is not None:
+        chain = desc["chain"]
+        if chain.get("status") != "ok":
+            raise reg.UnsupportedModelError(chain.get("reason") or "the model is not a Linear/ReLU chain")
+        try:
+            return chain_layers(chain["steps"], run.checkpoint(step))
+        except KeyError as exc:
+            raise RunError(f"checkpoint step={step} of {run.path!r} does not fit the stored chain: {exc}") from exc
+    if not trust_model_code:
+        raise _no_model_error(run, "region analyses")
+    model = _import_model(run)
+    model.load_state_dict(run.checkpoint(step))
+    return reg.piecewise_linear_layers(model.eval(), _input_shape(run))
+
+
+def _input_shape(run: Run) -> list[int]:
+    desc_shape = (run.manifest.get("probe") or {}).get("input_shape")
+    return list(desc_shape) if desc_shape else [1]
+
+
+# What each analyzer needs of the model: "chain" (the affine/activation chain: exact region
+# geometry) or "model" (any forward with pre-activations). An analyzer listed here is skipped
+# with the reason when its need cannot be met; add new weight analyzers here.
+MODEL_NEEDS: dict[str, str] = {"regions": "chain", "local_complexity": "model"}
+
+
+def weight_analyzers_support(run: Run, analyzers: Sequence[str], step: int, *, trust_model_code: bool = False) -> dict[str, str]:
+    """``{analyzer: reason}`` for each analyzer of :data:`MODEL_NEEDS` in ``analyzers`` that cannot run on this model.
+
+    Called before Ray starts (loads the checkpoint of ``step`` once per need). Raises
+    :class:`ModelUnavailableError` (what to do) when the run has no description and
+    ``trust_model_code`` is off.
+    """
+    from dynatrack.analysis import regions as reg
+    from dynatrack.store.model_desc import ModelDescriptionError
+
+    wanted = [a for a in analyzers if a in MODEL_NEEDS]
+    if not wanted:
+        return {}
+    if _description(run) is None and not trust_model_code:
+        raise _no_model_error(run, f"the analyzers {wanted}")
+    reasons: dict[str, str | None] = {}
+    if any(MODEL_NEEDS[a] == "chain" for a in wanted):
+        try:
+            region_chain(run, step, trust_model_code=trust_model_code)
+            reasons["chain"] = None
+        except reg.UnsupportedModelError as exc:
+            reasons["chain"] = f"the model is not a chain of Linear and ReLU-family modules: {exc}"
+    if any(MODEL_NEEDS[a] == "model" for a in wanted):
+        try:
+            load_model(run, step, trust_model_code=trust_model_code)
+            reasons["model"] = None
+        except (ModelUnavailableError, reg.UnsupportedModelError) as exc:
+            reasons["model"] = str(exc)
+        except ModelDescriptionError as exc:
+            reasons["model"] = f"the stored model is refused: {exc}"
+    return {a: reasons[MODEL_NEEDS[a]] for a in wanted if reasons[MODEL_NEEDS[a]]}  # type: ignore[misc]
 
 
 def _probe_points(run: Run, split: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -306,7 +471,6 @@ def weights_task(run_dir: str, steps: Sequence[int], config: dict[str, Any], whi
     torch.set_num_threads(1)
     cfg = AnalyzeConfig.from_dict(config)
     run = open_run(run_dir)
-    model = build_model(run)
     ids, labels, x = _probe_points(run, cfg.split)
     input_shape = (run.manifest.get("probe") or {}).get("input_shape") or [x.shape[1]]
     triples = choose_triples(labels, len(x), cfg.n_slices, cfg.seed)
@@ -317,11 +481,11 @@ def weights_task(run_dir: str, steps: Sequence[int], config: dict[str, Any], whi
     region_rows: dict[str, list[Any]] = {k: [] for k in REGIONS.names}
     dist_rows: dict[str, list[Any]] = {k: [] for k in BOUNDARY.names}
     lc_rows: dict[str, list[Any]] = {k: [] for k in LOCAL_COMPLEXITY.names}
+    trust = cfg.trust_model_code
+    recorded = [layer["name"] for layer in run.layers]
     for step in steps:
-        model.load_state_dict(run.checkpoint(step))
-        model.eval()
         if "regions" in which:
-            layers = reg.piecewise_linear_layers(model, input_shape)
+            layers = region_chain(run, step, trust_model_code=trust)
             n_hidden = int(sum(layer.width for layer in reg.hidden_layers(layers)))
             for k, (i, j) in enumerate(pairs):
                 c = reg.count_regions_1d(layers, x[i], x[j]).count
@@ -341,9 +505,9 @@ def weights_task(run_dir: str, steps: Sequence[int], config: dict[str, Any], whi
         if "local_complexity" in which and len(lc_idx) and cfg.lc_directions:
             xs = torch.as_tensor(x[lc_idx].reshape(len(lc_idx), *input_shape), dtype=torch.float32)
             p = min(cfg.lc_directions, x.shape[1])
+            model = load_model(run, step, trust_model_code=trust)
             with torch.no_grad():
-                res = lcx.local_complexity(lcx.preactivation_fn(model, [l["name"] for l in run.layers if "@" not in l["name"]] or None),
-                                           xs, cfg.lc_radii, p, seed=cfg.seed)
+                res = lcx.local_complexity(preactivations(model, recorded), xs, cfg.lc_radii, p, seed=cfg.seed)
             for li, layer in enumerate(res.layers):
                 for ri, r in enumerate(res.radii):
                     _append(lc_rows, step=step, layer=layer, split=cfg.split, radius=float(r),

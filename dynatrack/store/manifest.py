@@ -4,7 +4,10 @@ Keys (schema version 1): ``schema_version``, ``run_id``, ``world_size``,
 ``layers`` (``[{name, width}]``), ``probe`` (``{size, splits: {name: size},
 num_classes}``), ``model`` (``{class_path, init_args}``), ``seed``,
 ``versions``, ``schedules``, ``attempts`` (``[{attempt, start_step}]``, one per
-fit; a resumed fit appends one) and ``created_at``.
+fit; a resumed fit appends one), ``created_at`` and ``commit_records`` (``1``: every
+rank writes ``commits/rank=<r>/attempt-<a>.json`` records, see
+:mod:`dynatrack.store.commits`; runs without the key predate them and are read as
+complete).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def read_manifest(loc: RunLocation) -> dict[str, Any]:
         manifest = json.loads(loc.read_bytes(MANIFEST))
     except ValueError as exc:
         raise StoreError(f"{loc.uri}/{MANIFEST} is not valid JSON: {exc}") from exc
+    check_manifest(manifest, f"{loc.uri}/{MANIFEST}")
     version = manifest.get("schema_version")
     if not isinstance(version, int):
         raise StoreError(f"{loc.uri}/{MANIFEST} has no integer schema_version")
@@ -52,6 +56,40 @@ def read_manifest(loc: RunLocation) -> dict[str, Any]:
             f"(reads up to {SCHEMA_VERSION}); upgrade dynatrack to read it"
         )
     return manifest
+
+
+_REQUIRED = {"schema_version": int, "run_id": str, "world_size": int, "layers": list}
+
+
+def check_manifest(manifest: Any, where: str) -> None:
+    """Raise a one-line :class:`StoreError` naming ``where`` unless ``manifest`` has the shape readers rely on.
+
+    >>> check_manifest([1], "m.json")
+    Traceback (most recent call last):
+    ...
+    dynatrack.store.fs.StoreError: m.json is not a dynatrack manifest: expected a JSON object, got a list
+    """
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{where} is not a dynatrack manifest: expected a JSON object, got a {type(manifest).__name__}")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise StoreError(f"{where} is not a dynatrack manifest: it lacks the keys {missing}")
+    for key, typ in _REQUIRED.items():
+        if not isinstance(manifest[key], typ) or isinstance(manifest[key], bool):
+            raise StoreError(f"{where}: {key!r} must be a {typ.__name__}, got {manifest[key]!r}")
+    if manifest["world_size"] < 1:
+        raise StoreError(f"{where}: world_size must be >= 1, got {manifest['world_size']}")
+    for layer in manifest["layers"]:
+        if not (isinstance(layer, dict) and isinstance(layer.get("name"), str) and isinstance(layer.get("width"), int)):
+            raise StoreError(f"{where}: every entry of 'layers' must be {{name: str, width: int}}, got {layer!r}")
+    attempts = manifest.get("attempts", [])
+    if not isinstance(attempts, list) or not all(
+        isinstance(a, dict) and isinstance(a.get("attempt"), int) and isinstance(a.get("start_step"), int) for a in attempts
+    ):
+        raise StoreError(f"{where}: 'attempts' must be a list of {{attempt: int, start_step: int}}, got {attempts!r}")
+    for key in ("probe", "model"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise StoreError(f"{where}: {key!r} must be a JSON object, got {manifest[key]!r}")
 
 
 def write_manifest(loc: RunLocation, manifest: dict[str, Any], *, overwrite: bool) -> None:
@@ -84,6 +122,7 @@ def new_manifest(
         "schedules": schedules,
         "attempts": [{"attempt": 0, "start_step": int(start_step)}],
         "created_at": time.time(),
+        "commit_records": 1,
     }
 
 

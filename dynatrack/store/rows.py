@@ -144,7 +144,7 @@ def neurons_table(chunks: list[NeuronChunk]) -> pa.Table:
             "active": active,
             "n_samples": n,
             "active_by_class": pa.ListArray.from_arrays(
-                np.arange(0, (len(active) + 1) * k, k, dtype=np.int32), pa.array(by_class.reshape(-1), pa.int32())
+                np.arange(len(active) + 1, dtype=np.int32) * k, pa.array(by_class.reshape(-1), pa.int32())
             ),
             "partition": partition,
             "out_sign": out_sign,

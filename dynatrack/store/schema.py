@@ -95,6 +95,9 @@ MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
 ANALYSIS = "analysis"
 PROBE_DIR = "probe"
+#: rows of an earlier attempt that a resumed attempt recorded again, moved out of the
+#: table directories (so ``<kind>/*/*.parquet`` globs match :func:`open_run`), kept here
+SUPERSEDED = "superseded"
 
 
 def checkpoint_name(step: int, attempt: int | None = None) -> str:

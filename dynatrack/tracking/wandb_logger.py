@@ -138,6 +138,7 @@ def log_analysis(
     wandb_dir: str | os.PathLike[str] | None = None,
     config: Mapping[str, Any] | None = None,
     summary_tables: Mapping[str, pa.Table] | None = None,
+    summary: Mapping[str, Any] | None = None,
     rank: int = 0,
     on_error: OnError = "warn",
 ) -> WandbResult | None:
@@ -166,6 +167,7 @@ def log_analysis(
             None lets W&B choose (``WANDB_DIR`` or the working directory).
         config: recorded as the run's config.
         summary_tables: name -> small table (per-layer summaries), logged as wandb.Tables.
+        summary: extra run-summary entries (e.g. ``skipped/<analyzer>`` = reason).
         rank: the process's global rank. Only rank 0 logs; any other rank returns None
             at once, without checking credentials or touching disk.
         on_error: what a W&B failure (import, init, disk, network, ...) does:
@@ -202,6 +204,7 @@ def log_analysis(
             mode=resolved,
             wandb_dir=None if wandb_dir is None else Path(wandb_dir),
             config=dict(config or {}),
+            summary=dict(summary or {}),
         )
     except Exception as exc:  # noqa: BLE001 - any W&B failure must not lose the run's results
         message = (
@@ -300,6 +303,7 @@ def _log_to_wandb(
     mode: Literal["offline", "online"],
     wandb_dir: Path | None,
     config: dict[str, Any],
+    summary: dict[str, Any] | None = None,
 ) -> WandbResult:
     import wandb
 
@@ -345,7 +349,7 @@ def _log_to_wandb(
             final.update(values)
         if rows:
             final["trainer/final_step"] = rows[-1][0]
-        run.summary.update(final)
+        run.summary.update({**final, **(summary or {})})
         result = WandbResult(
             run_id=run.id,
             run_dir=Path(run.settings.sync_dir),

@@ -170,10 +170,13 @@ def test_unsupported_model_for_regions_is_named(tmp_path, local_ray):
     rec = PatternRecorder(str(tmp_path), run_name="res", probe=(x, y), schedule=schedules.at([0]))
     pl.Trainer(accelerator="cpu", max_steps=1, callbacks=[rec], logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False).fit(Residual(), loader(x, y))
-    from dynatrack.analysis.regions import UnsupportedModelError
+    from dynatrack.parallel.analyze import skipped_analyzers
 
-    with pytest.raises(UnsupportedModelError, match="supported"):
-        analyze_run(rec.run_dir, config=AnalyzeConfig(analyzers=("regions",)))
+    # issue 12: the analyzer that does not apply is skipped with its reason, the others run
+    results = analyze_run(rec.run_dir, config=AnalyzeConfig(analyzers=("patterns", "regions")), progress=False)
+    skipped = skipped_analyzers(results)
+    assert list(skipped) == ["regions"] and "is not the output of" in skipped["regions"]
+    assert "regions" not in results and results["patterns"].num_rows > 0
 
 
 def test_previous_results_are_kept_not_overwritten(digits_run, local_ray):

@@ -54,7 +54,7 @@ def test_select_by_type_and_glob_in_forward_order():
 @pytest.mark.parametrize("width", [40, 13])  # SWAR words (w % 8 == 0) and the byte-wise path
 @pytest.mark.parametrize("order", ["sorted", "shuffled", "no labels", "missing class"])
 def test_writer_class_counts_equal_a_naive_loop(order, width):
-    from dynatrack.recorder.callback import _class_counts
+    from dynatrack.recorder.decode import _class_counts
 
     rng = np.random.default_rng(3)
     rows = rng.random((700, width)) > 0.6
@@ -107,13 +107,13 @@ def _reference_masks(net, x):
 def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk, path, monkeypatch):
     # CPU probe steps: the hooks write every layer of a chunk into one buffer; after each chunk's
     # forward one pack and one count decode it
-    from dynatrack.recorder import callback
-    from dynatrack.recorder.callback import _ProbeDecoder
+    from dynatrack.recorder import decode
+    from dynatrack.recorder.decode import _ProbeDecoder
     from dynatrack.recorder.capture import Capture, trace_layers
 
     if path == "numpy":
-        monkeypatch.setattr(callback, "_pack_kernel", None)
-    elif callback._pack_kernel is None:
+        monkeypatch.setattr(decode, "_pack_kernel", None)
+    elif decode._pack_kernel is None:
         pytest.skip("dynatrack.recorder._pack is not compiled in this install (no C compiler at install time)")
 
     torch.manual_seed(0)
@@ -171,15 +171,15 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk, path, monke
 def test_pack_kernel_equals_packbits_and_a_naive_count():
     # the compiled kernel alone: widths past its 4,096-neuron counter window, classes split into
     # several blocks (at most 255 rows each), a class with no rows
-    from dynatrack.recorder import callback
+    from dynatrack.recorder import decode
 
-    kernel = callback._pack_kernel
+    kernel = decode._pack_kernel
     if kernel is None:
         pytest.skip("dynatrack.recorder._pack is not compiled in this install (no C compiler at install time)")
     rng = np.random.default_rng(1)
     for rows, wpad, n_classes in [(1, 8, 1), (600, 16, 3), (37, 4104, 5), (300, 24, 4)]:
         labels = np.sort(rng.choice([c for c in range(n_classes) if c != 1 or n_classes == 1], rows))
-        plan = callback._count_plan(labels, n_classes, rows)
+        plan = decode._count_plan(labels, n_classes, rows)
         masks = rng.random((rows, wpad)) < 0.3
         bits = np.empty((rows, wpad // 8), np.uint8)
         naive = np.zeros((n_classes, wpad), np.int64)
@@ -209,15 +209,15 @@ def test_pack_kernel_background_calls_equal_the_direct_ones():
     # still submit
     import os
 
-    from dynatrack.recorder import callback
+    from dynatrack.recorder import decode
 
-    kernel = callback._pack_kernel
+    kernel = decode._pack_kernel
     if kernel is None:
         pytest.skip("dynatrack.recorder._pack is not compiled in this install (no C compiler at install time)")
     rng = np.random.default_rng(2)
     rows, wpad = 600, 40
     labels = np.sort(rng.integers(0, 3, rows))
-    plan = callback._count_plan(labels, 3, rows)
+    plan = decode._count_plan(labels, 3, rows)
     starts, classes = plan.block_start, plan.block_class
 
     def calls():

@@ -339,11 +339,11 @@ def test_probe_bits_and_counts_with_byte_aligned_widths_equal_splits_and_chunks(
                                                                                 probe_batch_size):
     # widths that are multiples of 8 take the joint decode (all layers side by side); two splits of
     # the same shape and several probe chunks per split share the reused mask buffers' shapes
-    from dynatrack.recorder import callback
+    from dynatrack.recorder import decode
 
     if path == "numpy":
-        monkeypatch.setattr(callback, "_pack_kernel", None)
-    elif callback._pack_kernel is None:
+        monkeypatch.setattr(decode, "_pack_kernel", None)
+    elif decode._pack_kernel is None:
         pytest.skip("dynatrack.recorder._pack is not compiled in this install (no C compiler at install time)")
     x, y = make_data(96)
     test_x, test_y = make_data(96, seed=1)
