@@ -39,6 +39,7 @@ import posixpath
 import secrets
 import time
 import urllib.parse
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -53,8 +54,10 @@ from dynatrack import schedules as sch
 from dynatrack.recorder.capture import (
     Capture,
     LayerSelectionError,
+    is_compiled,
     select_layers,
     trace_layers,
+    user_name,
 )
 from dynatrack.recorder.data import IndexedDataset, default_sample_ids
 from dynatrack.recorder.decode import (
@@ -75,7 +78,7 @@ from dynatrack.store.manifest import (
 )
 from dynatrack.store.model_desc import write_model_description
 from dynatrack.store.schema import MANIFEST, PROBE, PROBE_DIR
-from dynatrack.store.writer import ShardWriter
+from dynatrack.store.writer import ShardWriter, WriterError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,8 @@ class PatternRecorder(Callback):
         neuron_schedule: steps at which neuron partition counts are recorded
             (default: ``schedule``).
         checkpoint_schedule: steps whose weights are saved to ``checkpoints/step=<s>.pt``
-            (default: every step with recorded patterns).
+            (default: the probe schedule's steps and step 0; not the batch schedule's: pass
+            ``checkpoint_schedule=batch_schedule`` for weights at every batch-recorded step).
         steps_schedule: steps with a row in the ``steps`` table (default: the union of
             the probe, neuron and checkpoint schedules).
         record_final: also record probe patterns, neurons and weights after the last update.
@@ -188,8 +192,10 @@ class PatternRecorder(Callback):
         self.neuron_schedule: sch.Schedule = neuron_schedule if neuron_schedule is not None else self.schedule
         if not has_probe:
             self.neuron_schedule = sch.never()
+        # weights where the probe is recorded (and step 0, and the final step with record_final), not at
+        # batch-source steps: a state_dict per batch-recorded step costs more than the patterns
         self.checkpoint_schedule: sch.Schedule = (
-            checkpoint_schedule if checkpoint_schedule is not None else sch.union([self.schedule, self.batch_schedule])
+            checkpoint_schedule if checkpoint_schedule is not None else sch.union([self.schedule, sch.at([0])])
         )
         # steps rows (loss, lr, gradient norm) go with the steps whose weights are probed or saved;
         # the batch source alone does not add them (the gradient norm costs a pass over all grads)
@@ -236,6 +242,7 @@ class PatternRecorder(Callback):
         self._params: list[nn.Parameter] = []
         self._world = 1
         self._rank = 0
+        self._warned: set[str] = set()  # layers already warned about (see _warn_missing)
 
     # -- public ---------------------------------------------------------------
     @property
@@ -322,7 +329,7 @@ class PatternRecorder(Callback):
                 trainer.strategy.barrier("dynatrack-run-closed")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._close(raise_errors=False)
+        self._close(raise_errors=False, raised=exception)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -332,6 +339,9 @@ class PatternRecorder(Callback):
     def _validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Everything that can be checked before training: fail here, not at step 5,000."""
         modules = select_layers(pl_module, self.layer_names)
+        compiled = _compiled_parts(pl_module)
+        if compiled:
+            _guard_hooks(compiled)
         if self._probe_from_datamodule:
             dm = trainer.datamodule
             if dm is None or not callable(getattr(dm, "probe", None)):
@@ -349,11 +359,20 @@ class PatternRecorder(Callback):
             device = _module_device(pl_module)
             eval_mode = _EvalMode(pl_module)
             was_training = eval_mode.enter()
+            outputs: list[Any] = []
             try:
                 calls, widths = trace_layers(
-                    pl_module, modules, lambda t: self.probe_forward(pl_module, t), x.to(device)
+                    pl_module, modules, lambda t: outputs.append(self.probe_forward(pl_module, t)), x.to(device),
+                    compiled=bool(compiled),
                 )
             except Exception as exc:
+                if compiled and type(exc).__module__.startswith("torch._dynamo"):
+                    raise RecorderError(
+                        f"torch.compile could not run the recorder's forward hooks in {', '.join(compiled)} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). The hooks run "
+                        "eagerly, a graph break at each recorded module on recorded steps: compile without "
+                        "fullgraph=True, or record this model uncompiled"
+                    ) from exc
                 raise ProbeError(
                     f"the probe split {split!r} (inputs of shape {tuple(first.inputs.shape)}, "
                     f"dtype {first.inputs.dtype}) does not fit {type(pl_module).__name__}: {exc}. "
@@ -368,26 +387,36 @@ class PatternRecorder(Callback):
                         f"but split {split!r} has {tuple(first.inputs.shape[1:])}"
                     )
             silent = [n for n, k in calls.items() if k == 0]
+            if silent and compiled:
+                raise LayerSelectionError(
+                    f"the forward hooks of layers {silent} did not run in the probe forward of the torch.compile'd "
+                    f"{', '.join(compiled)}: it was compiled and called before the recorder's setup. Call "
+                    "torch._dynamo.reset() before trainer.fit(), or compile the model without calling it first"
+                )
             if silent:
                 raise LayerSelectionError(
                     f"layers {silent} were never called in a forward pass of the probe; "
                     "remove them from layers=... or check the model's forward"
                 )
-            self._capture = Capture(modules, calls)
+            self._capture = Capture(modules, calls, compiled=bool(compiled))
             self._widths = widths
+            _check_class_counts(self.probe, widths)
+            if self._rank == 0:
+                _warn_about_probe(self.probe, outputs[0] if outputs else None)
         else:
             if sch.is_never(self.batch_schedule):
                 raise RecorderError(
                     "nothing to record: pass probe=... (a fixed probe set) and/or batch_schedule=... "
                     "(the training batch's own patterns)"
                 )
-            self._capture = Capture(modules, None)
+            self._capture = Capture(modules, None, compiled=bool(compiled))
             self._widths = {}
         self._out_weight = _scalar_output_weight(pl_module, modules, self._widths)
 
     def _open_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Agree on a run id across ranks, create or reopen the run directory."""
         self._world, self._rank = trainer.world_size, trainer.global_rank
+        self._warned = set()
         self._steps_live = not sch.is_never(self.steps_schedule)
         self._next_due = 0  # the next step whose schedules must be checked (see _next_firing)
         self._one_micro_batch = _accumulation(trainer) == 1
@@ -425,7 +454,8 @@ class PatternRecorder(Callback):
         self._probe_meta = (
             {name: s.sample_ids.numpy() for name, s in self._shard.items()},
             {name: (s.labels.numpy() if s.labels is not None else None) for name, s in self._shard.items()},
-            self.probe.num_classes,
+            # per split: a split without labels has no class counts (its neurons are labelled ``partial``)
+            {name: (self.probe.num_classes if s.labels is not None else 0) for name, s in self._shard.items()},
             list(self._widths)[-1] if self._widths else None,
             dict(self._widths),
         )
@@ -433,7 +463,8 @@ class PatternRecorder(Callback):
         c = self.probe.num_classes
         self._onehots = {}
         for name, split in self._shard.items():
-            split.inputs = split.inputs.to(device)
+            # as Lightning converts the training batches (e.g. to bf16 under precision="bf16-true")
+            split.inputs = trainer.precision_plugin.convert_input(split.inputs.to(device))
             if c and split.labels is not None:
                 onehot = torch.nn.functional.one_hot(split.labels, c).T.to(device=device, dtype=torch.float32)
             else:
@@ -606,7 +637,7 @@ class PatternRecorder(Callback):
                         if dec is None:  # its buffer holds one chunk's rows, reused chunk after chunk
                             buf = cap.probe_masks(self._widths, min(bs, len(split)))
                             dec = self._probe_decoders[split_name] = _ProbeDecoder(
-                                split_name, buf, len(split), labels[split_name], n_classes)
+                                split_name, buf, len(split), labels[split_name], n_classes[split_name])
                         cap.reuse = dec.buf
                         dec.begin(bits=patterns, counts=neurons)
                         for k, i in enumerate(range(0, len(split), bs)):
@@ -696,6 +727,8 @@ class PatternRecorder(Callback):
             self._batch_active = False
             ids = self._batch_ids(trainer, batch)
             bits = self._capture.take()  # type: ignore[union-attr]
+            if len(bits) != len(self._capture.names):  # type: ignore[union-attr]
+                self._warn_missing(step, bits)
             n = ids.shape[0]
             for layer, chunks in bits.items():
                 self._pending_bytes += chunks[0].nbytes
@@ -735,6 +768,15 @@ class PatternRecorder(Callback):
         else:
             self._pending_batches.append((step, ids, bits, scalars, meta))
         self._submit_if_due()
+
+    def _warn_missing(self, step: int, bits: Mapping[str, Any]) -> None:
+        """Warn (once per layer and fit) about recorded layers whose hooks did not run in a training forward."""
+        missing = [name for name in self._capture.names if name not in bits and name not in self._warned]  # type: ignore[union-attr]
+        if missing:
+            self._warned.update(missing)
+            warnings.warn(
+                f"layers {missing} did not run in the training forward of step {step}: the batch source has no "
+                "rows of them at that step (and at later steps where they do not run)", UserWarning, stacklevel=2)
 
     def _submit_if_due(self) -> None:
         """Hand the pending records over once ``submit_every`` of them or ``submit_bytes`` wait."""
@@ -794,7 +836,8 @@ class PatternRecorder(Callback):
             ids = ids.reshape(-1)
         return ids if ids.dtype == torch.int64 else ids.to(torch.int64)
 
-    def _close(self, *, raise_errors: bool) -> None:
+    def _close(self, *, raise_errors: bool, raised: BaseException | None = None) -> None:
+        """Stop the writer; ``raised``: the exception that ends the fit (a writer failure is reported once)."""
         if self._capture is not None:
             self._capture.detach()
         if self._writer is None:
@@ -807,9 +850,11 @@ class PatternRecorder(Callback):
         writer, self._writer = self._writer, None
         try:
             writer.close()
-        except Exception:
+        except Exception as exc:
             if raise_errors:
                 raise
+            if isinstance(raised, WriterError) and exc.__cause__ is not None and exc.__cause__ is raised.__cause__:
+                return  # the fit already ends with this failure
             log.exception("dynatrack writer failed while closing the run")
 
 
@@ -842,6 +887,46 @@ def _same_recorder(key: str, root: str, run_name: str | None) -> bool:
     if not (key.startswith(prefix) and key.endswith(suffix)):
         return False
     return _root_key(key[len(prefix) : -len(suffix)]) == _root_key(root)
+
+
+#: The most memory the per-class neuron counts of one probe split may take (int32 ``[classes, neurons]``).
+MAX_COUNTS_BYTES = 2**31
+
+
+def _check_class_counts(probe: Probe, widths: Mapping[str, int]) -> None:
+    """Refuse, at setup, labels so large that the per-class counts of the recorded layers would not fit."""
+    c = probe.num_classes
+    neurons = sum(-(-w // 8) * 8 for w in widths.values())
+    if c * neurons * 4 > MAX_COUNTS_BYTES:
+        raise ProbeError(
+            f"probe labels go up to {c - 1}: the per-class neuron counts would take {c * neurons * 4 / 2**30:.1f} GiB "
+            f"per probe split ({c:,} classes x {neurons:,} recorded neurons, at most {MAX_COUNTS_BYTES // 2**30} GiB). "
+            "Remap the labels to 0..K-1 (labels = torch.unique(labels, return_inverse=True)[1]), record fewer "
+            "layers, or pass the probe without labels")
+
+
+def _warn_about_probe(probe: Probe, output: Any) -> None:
+    """Warn once, at setup, about probe samples whose records would mislead.
+
+    NaN inputs give NaN pre-activations, which the recorder reads as active; labels
+    beyond the model's outputs (a classifier's logits) are classes the model cannot predict.
+    """
+    for name, split in probe.splits.items():
+        if split.inputs.is_floating_point() or split.inputs.is_complex():
+            bad = torch.isnan(split.inputs.reshape(len(split), -1)).any(dim=1)
+            if bool(bad.any()):
+                ids = split.sample_ids[bad].tolist()  # type: ignore[index]
+                warnings.warn(
+                    f"probe split {name!r} has {len(ids)} sample(s) with NaN inputs (sample ids "
+                    f"{ids[:5]}{' ...' if len(ids) > 5 else ''}): their pre-activations are NaN and their neurons "
+                    "read as active. Drop or fix those samples", UserWarning, stacklevel=2)
+    n_out = output.shape[-1] if isinstance(output, torch.Tensor) and output.dim() >= 2 else None
+    if n_out and n_out > 1 and probe.num_classes > n_out:
+        worst = max((int(s.labels.max()), name) for name, s in probe.splits.items() if s.labels is not None)
+        warnings.warn(
+            f"probe split {worst[1]!r} has label {worst[0]}, but the model has {n_out} outputs per sample "
+            f"(classes 0..{n_out - 1}): the per-class counts include classes the model cannot predict. "
+            "Check the probe labels", UserWarning, stacklevel=2)
 
 
 def _new_run_id() -> str:
@@ -980,4 +1065,32 @@ def _scalar_output_weight(
 
 
 def _host_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    """The weights on the host, keyed as in the uncompiled model (no ``_orig_mod`` of ``torch.compile``)."""
+    return {user_name(k): v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _compiled_parts(module: nn.Module) -> list[str]:
+    """What of ``module`` runs under ``torch.compile``: its compiled submodules, or the whole module."""
+    parts = [user_name(n) for n, m in module.named_modules() if n and is_compiled(m)]
+    if getattr(module, "_compiler_ctx", None):  # Lightning's unwrapped trainer.fit(torch.compile(model))
+        parts.insert(0, type(module).__name__)
+    return parts
+
+
+def _guard_hooks(compiled: list[str]) -> None:
+    """Make ``torch.compile`` check the forward hooks the recorder adds and removes between steps.
+
+    By default (``torch._dynamo.config.skip_nnmodule_hook_guards``) compiled code ignores
+    hooks added after it was compiled: the batch source would record step 0 only. With the
+    guards, compiled code keeps one graph with the recorder's hooks (run eagerly: a graph
+    break at each recorded module, on recorded steps) and one without.
+    """
+    import torch._dynamo
+
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        # graphs compiled so far (a forward called before fit) do not check hooks: compiled again
+        torch._dynamo.reset()
+        log.info("dynatrack: %s run under torch.compile; set torch._dynamo.config.skip_nnmodule_hook_guards = False "
+                 "and reset torch.compile's caches so that the recorder's forward hooks run on every recorded step",
+                 ", ".join(compiled))

@@ -43,7 +43,7 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[
     is a module name or a glob pattern (``"encoder.*.act"``) over
     ``named_modules()``; every entry must match at least one module.
     """
-    named = [(n, m) for n, m in model.named_modules() if n]
+    named = [(user_name(n), m) for n, m in model.named_modules() if n and not is_compiled(m)]
     candidates = [n for n, m in named if isinstance(m, RELU_FAMILY)]
     if layers is None:
         if not candidates:
@@ -66,6 +66,26 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[
             )
         chosen.update(hits)
     return [(n, m) for n, m in named if n in chosen]
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper ``torch.compile(module)`` returns (an ``OptimizedModule``)."""
+    compiled = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
+    return compiled is not None and isinstance(module, compiled)
+
+
+def user_name(name: str) -> str:
+    """A module name as the user wrote it: without the ``_orig_mod`` of ``torch.compile`` wrappers.
+
+    >>> user_name("net._orig_mod.1"), user_name("_orig_mod.fc.weight")
+    ('net.1', 'fc.weight')
+    """
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def eager(hook: Callable[..., None]) -> Callable[..., None]:
+    """``hook``, run eagerly when called from ``torch.compile``'d code (a graph break there)."""
+    return torch.compiler.disable(hook, recursive=True)
 
 
 _GATHER = 0x8040201008040201 - 2**64  # as a signed int64
@@ -237,8 +257,12 @@ class Capture:
       activation counts on the device (:meth:`start_forward`).
     """
 
-    def __init__(self, modules: list[tuple[str, nn.Module]], calls: dict[str, int] | None = None) -> None:
+    def __init__(self, modules: list[tuple[str, nn.Module]], calls: dict[str, int] | None = None, *,
+                 compiled: bool = False) -> None:
         self.modules = modules
+        # torch.compile'd models: the hooks run eagerly (a graph break at each recorded module, on
+        # recorded steps only: torch.compile then keeps a graph with the hooks and one without)
+        self._wrap = eager if compiled else (lambda hook: hook)
         self.calls = calls or {name: 1 for name, _ in modules}
         self._handles: list[Any] = []
         self._seen: dict[str, int] = defaultdict(int)
@@ -266,7 +290,7 @@ class Capture:
     def attach(self) -> None:
         """Attach the probe hooks (per call: bits and/or per-class counts, see :meth:`start_forward`)."""
         if not self._handles:
-            self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
+            self._handles = [m.register_forward_hook(self._wrap(self._hook(name))) for name, m in self.modules]
 
     def detach_probe(self) -> None:
         for h in self._handles:
@@ -299,7 +323,8 @@ class Capture:
         more than the hooks); :meth:`take` disables them, :meth:`detach_batch` removes them.
         """
         if not self._batch_handles:
-            self._batch_handles = [m.register_forward_hook(self._batch_hook(i, m)) for i, (_, m) in enumerate(self.modules)]
+            self._batch_handles = [m.register_forward_hook(self._wrap(self._batch_hook(i, m)))
+                                   for i, (_, m) in enumerate(self.modules)]
         for slot in self._slots:
             if slot:
                 slot.clear()  # left over from a step that failed before take()
@@ -409,7 +434,8 @@ class Capture:
 
 
 def trace_layers(
-    model: nn.Module, modules: list[tuple[str, nn.Module]], forward: Callable[[torch.Tensor], Any], x: torch.Tensor
+    model: nn.Module, modules: list[tuple[str, nn.Module]], forward: Callable[[torch.Tensor], Any], x: torch.Tensor,
+    *, compiled: bool = False,
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Run one forward on ``x`` to learn each module's call count and each layer's width."""
     counter: dict[str, int] = defaultdict(int)
@@ -423,7 +449,8 @@ def trace_layers(
 
         return hook
 
-    handles = [m.register_forward_hook(make(name)) for name, m in modules]
+    wrap = eager if compiled else (lambda hook: hook)
+    handles = [m.register_forward_hook(wrap(make(name))) for name, m in modules]
     try:
         with torch.no_grad():
             forward(x)

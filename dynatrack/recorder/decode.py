@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -101,7 +101,7 @@ def _decode_probe(
     layout: list[tuple[str, str, str, int, int]],
     step: int,
     ids: dict[str, np.ndarray],
-    n_classes: int,
+    n_classes: Mapping[str, int],
     last_layer: str | None,
     *,
     labels: dict[str, np.ndarray | None] | None = None,
@@ -118,6 +118,8 @@ def _decode_probe(
     computed here from packed bits, or arrive ``decoded`` (CPU: :class:`_ProbeDecoder`), or
     otherwise they arrive as ``counts`` items computed on the device. ``deferred`` holds
     the bool masks of the probe hooks (CPU with ``neuron_counts="device"``): only packed.
+    ``n_classes`` maps each split to its number of classes (0 for a split without labels:
+    its counts are one row of totals and its ``active_by_class`` lists are empty).
     """
     count_here = labels is not None and widths is not None
     items: list[tuple[str, str, str, np.ndarray]] = []  # ("bits" | "counts", split, layer, array)
@@ -128,7 +130,7 @@ def _decode_probe(
             continue
         if what in ("bits", "nbits") and count_here:
             unpacked = np.unpackbits(arr, axis=1, count=widths[layer])  # type: ignore[index]
-            items.append(("counts", split, layer, _class_counts(unpacked, labels[split], n_classes)))  # type: ignore[index]
+            items.append(("counts", split, layer, _class_counts(unpacked, labels[split], n_classes[split])))  # type: ignore[index]
         if what in ("bits", "counts"):
             items.append((what, split, layer, arr))
     # CPU bool masks of the probe hooks (neuron_counts="device" on CPU: the counts came with them)
@@ -143,9 +145,10 @@ def _decode_probe(
             continue
         by_class = arr.T  # [width, C or 1] int32 (a view; the shard build copies)
         sign = out_sign if (out_sign is not None and layer == last_layer) else None
+        k = n_classes[split]
         neurons.append(NeuronChunk(  # with classes, ``active`` is summed on the writer thread
-            step, layer, split, None if n_classes else by_class[:, 0],
-            by_class if n_classes else np.zeros((by_class.shape[0], 0), np.int32), len(ids[split]),
+            step, layer, split, None if k else by_class[:, 0],
+            by_class if k else np.zeros((by_class.shape[0], 0), np.int32), len(ids[split]),
             None if sign is None else np.array(sign, np.int8)))
     out: dict[str, Any] = {}
     if patterns:

@@ -22,6 +22,11 @@ import torch
 from torch.utils.data import Dataset
 
 
+#: The largest number of classes (``max label + 1``) a probe may have: the neuron rows keep
+#: one count per class, per neuron and recorded step.
+MAX_CLASSES = 2**16
+
+
 class ProbeError(ValueError):
     """A probe set that cannot be used."""
 
@@ -61,6 +66,12 @@ class ProbeSplit:
                 raise ProbeError(f"probe has {n} inputs but {labels.numel()} labels")
             if n and int(labels.min()) < 0:
                 raise ProbeError("probe labels must be >= 0 (class indices)")
+            if n and int(labels.max()) >= MAX_CLASSES:
+                raise ProbeError(
+                    f"probe label {int(labels.max())} is too large: labels are class indices and each neuron keeps "
+                    f"one count per class 0..max label (at most {MAX_CLASSES:,} classes). Remap the labels to "
+                    "0..K-1 (labels = torch.unique(labels, return_inverse=True)[1]) or pass the probe without labels"
+                )
             self.labels = labels.to(torch.int64)
 
     def __len__(self) -> int:
@@ -118,10 +129,14 @@ class Probe:
 
     @property
     def num_classes(self) -> int:
-        """``max label + 1`` over all splits; 0 when any split has no labels."""
-        if not self.splits or any(s.labels is None for s in self.splits.values()):
+        """``max label + 1`` over the splits with labels; 0 when no split has labels.
+
+        A split without labels (a plain tensor) gets no per-class counts, whatever the others have.
+        """
+        labelled = [s.labels for s in self.splits.values() if s.labels is not None]
+        if not labelled:
             return 0
-        return int(max(int(s.labels.max()) for s in self.splits.values())) + 1  # type: ignore[union-attr]
+        return int(max(int(labels.max()) for labels in labelled)) + 1
 
     def shard(self, rank: int, world_size: int) -> dict[str, ProbeSplit]:
         """This rank's samples: every ``world_size``-th sample starting at ``rank``, ordered by label.

@@ -13,7 +13,8 @@ the analyzers on any machine or Ray worker without the user's code:
     ``torch.export`` could export the model (``state``: the program's parameter and buffer
     names -> checkpoint keys), else ``{"status": "failed", "reason"}``.
     Submodules compiled with ``torch.compile`` are described through their original
-    module (never compiled here); keys keep the ``_orig_mod`` that the checkpoints hold.
+    module (never compiled here), under the names the user wrote: the recorder's layer
+    names and checkpoint keys have no ``_orig_mod`` either.
 ``model/program.json``
     The exported graph of ``x -> (model output, pre-activation of each recorded layer)``
     (``torch.export`` serialization, the graph only: no weights, no pickle, metadata such
@@ -137,8 +138,9 @@ def describe_model(
 def _uncompiled(module: nn.Module) -> Iterator[Callable[[str], str]]:
     """Swap each ``torch.compile``d submodule for its original module while describing.
 
-    Yields ``actual(name)``: a module or parameter name of the swapped view -> the name in
-    ``module.named_modules()`` / ``state_dict()`` (``<path>._orig_mod.<rest>``).
+    Yields ``actual(name)``: a module or parameter name of the swapped view -> its name in the
+    run (the checkpoints' keys): the same, as the recorder writes names without the
+    ``_orig_mod`` of compiled submodules (``net.1``, ``net.0.weight``).
     """
     compiled = [(name, m) for name, m in module.named_modules()
                 if name and isinstance(getattr(m, "_orig_mod", None), nn.Module)]
@@ -150,12 +152,8 @@ def _uncompiled(module: nn.Module) -> Iterator[Callable[[str], str]]:
         parent = module.get_submodule(parent_name)
         parent._modules[child] = m._orig_mod
         swapped.append((name, parent, child, m))
-    paths = sorted((p for p, _, _, _ in swapped), key=len, reverse=True)
 
     def actual(name: str) -> str:
-        for p in paths:
-            if name == p or name.startswith(p + "."):
-                return f"{p}._orig_mod{name[len(p):]}"
         return name
 
     try:

@@ -383,24 +383,34 @@ class Run:
             return t
         keys = ["step", "layer", "split", "neuron"]
         grouped = t.group_by(keys).aggregate([("active", "sum"), ("n_samples", "sum"), ("out_sign", "max")])
-        # active_by_class: sum lists element-wise via numpy, in the grouped order.
+        # active_by_class: sum lists element-wise via numpy, in the grouped order. A split
+        # without labels has empty lists (its neurons are labelled without classes).
         abc = t.column("active_by_class").combine_chunks()
-        n_classes = len(abc[0]) if len(abc) and abc[0].is_valid else 0
-        flat = np.asarray(abc.flatten().to_numpy(zero_copy_only=False), dtype=np.int64).reshape(len(abc), n_classes)
+        lengths = abc.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        n_classes = int(lengths.max()) if len(lengths) else 0
+        flat = np.zeros((len(abc), n_classes), dtype=np.int64)
+        values = np.asarray(abc.flatten().to_numpy(zero_copy_only=False), dtype=np.int64)
+        row_of = np.repeat(np.arange(len(abc)), lengths)
+        flat[row_of, np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = values
         key_cols = [t.column(k).to_numpy(zero_copy_only=False) for k in keys]
         index = {k: i for i, k in enumerate(zip(*[grouped.column(k).to_pylist() for k in keys]))}
         rows = np.fromiter((index[k] for k in zip(*[c.tolist() for c in key_cols])), dtype=np.int64, count=t.num_rows)
         sums = np.zeros((grouped.num_rows, n_classes), dtype=np.int64)
         np.add.at(sums, rows, flat)
+        has_classes = np.zeros(grouped.num_rows, dtype=bool)
+        has_classes[rows[lengths > 0]] = True
         active = grouped.column("active_sum").to_numpy()
         n = grouped.column("n_samples_sum").to_numpy()
-        labels = partition_labels(active, n, sums if n_classes else None)
+        labels = np.empty(grouped.num_rows, dtype=object)
+        labels[~has_classes] = partition_labels(active[~has_classes], n[~has_classes], None)
+        labels[has_classes] = partition_labels(active[has_classes], n[has_classes], sums[has_classes])
+        by_class = [row.tolist() if has else [] for row, has in zip(sums, has_classes)]
         return pa.table(
             {
                 **{k: grouped.column(k) for k in keys},
                 "active": active,
                 "n_samples": n,
-                "active_by_class": pa.array(sums.tolist(), type=pa.list_(pa.int32())),
+                "active_by_class": pa.array(by_class, type=pa.list_(pa.int32())),
                 "partition": pa.array(labels.tolist(), type=pa.string()),
                 "out_sign": grouped.column("out_sign_max").cast(pa.int8()),
             }

@@ -121,12 +121,20 @@ def neurons_table(chunks: list[NeuronChunk]) -> pa.Table:
     active = np.concatenate([np.asarray(c.active, np.int64) if c.active is not None
                              else c.by_class.sum(axis=1, dtype=np.int64) for c in chunks])
     n = np.repeat(np.array([c.n_samples for c in chunks], np.int64), counts)
-    n_classes = {c.by_class.shape[1] for c in chunks}
-    if len(n_classes) != 1:
+    # a split without labels has ``C = 0`` (empty lists, ``partial`` labels) beside labelled splits
+    ks = [c.by_class.shape[1] for c in chunks]
+    n_classes = {k for k in ks if k}
+    if len(n_classes) > 1:
         raise ValueError(f"neuron chunks disagree on the number of classes: {sorted(n_classes)}")
-    k = n_classes.pop()
-    by_class = np.concatenate([np.asarray(c.by_class, np.int32).reshape(len(c), k) for c in chunks])
-    labels = partition_labels(active, n, by_class if k else None)
+    lengths = np.repeat(np.array(ks, np.int32), counts)
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    by_class = np.concatenate([np.asarray(c.by_class, np.int32).reshape(-1) for c in chunks])
+    labelled = lengths > 0
+    labels = np.empty(len(active), dtype=object)
+    labels[~labelled] = partition_labels(active[~labelled], n[~labelled], None)
+    if n_classes:
+        labels[labelled] = partition_labels(active[labelled], n[labelled], by_class.reshape(-1, n_classes.pop()))
     label_names = sorted(set(labels.tolist()))
     code = {v: i for i, v in enumerate(label_names)}
     partition = pa.DictionaryArray.from_arrays(
@@ -143,9 +151,7 @@ def neurons_table(chunks: list[NeuronChunk]) -> pa.Table:
             "neuron": np.concatenate([np.arange(len(c), dtype=np.int32) for c in chunks]),
             "active": active,
             "n_samples": n,
-            "active_by_class": pa.ListArray.from_arrays(
-                np.arange(len(active) + 1, dtype=np.int32) * k, pa.array(by_class.reshape(-1), pa.int32())
-            ),
+            "active_by_class": pa.ListArray.from_arrays(offsets, pa.array(by_class, pa.int32())),
             "partition": partition,
             "out_sign": out_sign,
         },

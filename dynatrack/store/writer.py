@@ -212,7 +212,8 @@ class ShardWriter:
                     self._write_all()
                 self._write_old_buffers()
         except BaseException as exc:  # noqa: BLE001 - kept and re-raised in the training thread
-            log.error("dynatrack writer thread failed: %r", exc)
+            # reported once: re-raised on the training thread (raise_if_failed), not logged here too
+            log.debug("dynatrack writer thread failed: %r", exc)
             self._error = exc
 
     def _append(self, kind: str, item: Any) -> None:

@@ -340,13 +340,15 @@ def test_compiled_submodule_is_described_through_its_original_module(tmp_path) -
     model.net = compiled
     loc = RunLocation.from_run_dir(str(tmp_path / "run"))
     loc.mkdir()
-    desc = write_model_description(loc, model, layers=["net._orig_mod.1", "net._orig_mod.3"], input_shape=[5])
+    desc = write_model_description(loc, model, layers=["net.1", "net.3"], input_shape=[5])
     assert model.net is compiled  # put back
     assert desc["chain"]["status"] == "ok" and desc["program"]["status"] == "ok"
-    state = model.state_dict()  # what checkpoints hold: keys with _orig_mod
+    # what the recorder's checkpoints hold: keys as the user wrote them, without _orig_mod
+    state = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    assert set(state) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     want = reg.piecewise_linear_layers(compiled._orig_mod, 5)
     got = chain_layers(desc["chain"]["steps"], state)
-    assert [layer.name for layer in got] == ["net._orig_mod.1", "net._orig_mod.3", "net._orig_mod.4"]
+    assert [layer.name for layer in got] == ["net.1", "net.3", "net.4"]
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a.weight, b.weight)
     # the program, as if recorded on a GPU: its device fields say cuda; it runs on the CPU
@@ -354,8 +356,8 @@ def test_compiled_submodule_is_described_through_its_original_module(tmp_path) -
     x = torch.randn(9, 5)
     with torch.no_grad():
         z = compiled._orig_mod[0](x)
-    assert torch.equal(program_module(loc, desc, state).preactivations(x)["net._orig_mod.1"], z)
-    assert torch.equal(ChainModule(desc["chain"]["steps"], state).preactivations(x)["net._orig_mod.1"], z)
+    assert torch.equal(program_module(loc, desc, state).preactivations(x)["net.1"], z)
+    assert torch.equal(ChainModule(desc["chain"]["steps"], state).preactivations(x)["net.1"], z)
 
 
 class DataDependent(TinyNet):

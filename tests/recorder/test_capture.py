@@ -150,6 +150,8 @@ def test_probe_masks_decode_equals_packbits_and_a_naive_count(chunk, path, monke
         cap.enabled = False
         cap.reuse = None
         ref = _reference_masks(net, x)
+        dec.wait()  # a one-chunk split is decoded on the kernel's own thread: whoever reads waits first
+        totals.wait()
         items = dec.items()
         bits = {layer: a for what, _, layer, a in items if what == "bits"}
         counts = {layer: a for what, _, layer, a in items if what == "counts"}
