@@ -62,6 +62,7 @@ def main() -> None:
     lp_s = _median_time(lambda: zt.is_vertex(xn, pats), args.repeat)
     out = {"layer": "64 -> 64 (head 64 -> 10)", "samples": len(xn), "neurons": len(pats), "distinct_patterns": n_unique,
            "lp_seconds": lp_s, "lp_checks_per_s": n_unique / lp_s}
+    _write(out, args.out)  # each section is kept as soon as it is measured
     targets = np.eye(10)[y.numpy()]
     qp = {}
     for n in args.qp_samples:
@@ -72,7 +73,8 @@ def main() -> None:
                       "params": len(pats) * 65 + 10, "loss": res.loss,
                       "network_loss": zt.network_square_loss(xn[pos], targets[pos], w, a,
                                                              net[2].bias.detach().double().numpy())}
-    out["fixed_pattern"] = qp
+        out["fixed_pattern"] = qp
+        _write(out, args.out)
     if not args.no_ray:
         import ray
 
@@ -91,11 +93,14 @@ def main() -> None:
             out["ray_speedup"] = out["ray_one_task_s"] / out["ray_two_tasks_s"]
         finally:
             ray.shutdown()
-    text = json.dumps(out, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    _write(out, args.out)
+    print(json.dumps(out, indent=1))
+
+
+def _write(out: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
