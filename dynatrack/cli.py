@@ -1,4 +1,4 @@
-"""``dynatrack demo | fit | analyze | inspect``.
+"""``dynatrack demo | fit | analyze | sweep | compare | inspect``.
 
 Every command's default root is ``./runs``.
 """
@@ -83,6 +83,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         wandb_mode=args.wandb or wandb_opts.get("mode", "offline"),
         project=args.project or wandb_opts.get("project", "dynatrack"),
         group=args.group or wandb_opts.get("group"),
+        wandb_init_timeout=wandb_opts.get("init_timeout"),
     )
     return 0
 
@@ -96,11 +97,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(argv: list[str]) -> int:
+    import time
+
     from lightning.pytorch.cli import LightningCLI
 
+    from dynatrack.console import find_recorder, print_fit_report, quiet_third_party, setup_logging
+
+    setup_logging()
+    quiet_third_party()
+    start = time.perf_counter()
     # No SaveConfigCallback: it would write config.yaml into the working directory; the
     # run's manifest records the model class and init args instead.
-    LightningCLI(args=["fit", *argv], save_config_callback=None, auto_configure_optimizers=False)
+    cli = LightningCLI(args=["fit", *argv], save_config_callback=None, auto_configure_optimizers=False)
+    if "--help" in argv or "-h" in argv or "--print_config" in " ".join(argv):
+        return 0
+    # rank 0 only: the run summary and directory, as the demo prints them
+    print_fit_report(cli.trainer, find_recorder(cli.trainer), elapsed=time.perf_counter() - start)
     return 0
 
 
@@ -125,7 +137,8 @@ def print_sweep(result: dict[str, Any]) -> None:
         table.add_row(t["trial_id"], str(t["batch_size"]), str(t["seed"]), t["budget"], f"{t['lr']:g}",
                       str(t["max_steps"]), status, "" if t["wall_time_s"] is None else f"{t['wall_time_s']:.1f}",
                       acc("train_acc"), acc("test_acc"), t["error"] or "")
-    console = Console()
+    # not a terminal (a job log, a pipe): wide enough that trial ids and errors are not cut
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(table)
     n = len(result["trials"])
     console.print(f"{n - len(result['failed'])}/{n} trials finished ({len(result['ran'])} run now, "
@@ -215,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_fit(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from dynatrack.console import setup_logging
+
+    setup_logging(args.verbose)
     warnings.filterwarnings("ignore", module="lightning")
     try:
         return int(args.func(args) or 0)

@@ -27,10 +27,11 @@ def run_demo(
     import lightning.pytorch as pl
     import torch
 
-    from dynatrack import PatternRecorder, open_run, schedules
+    from dynatrack import PatternRecorder, schedules
+    from dynatrack.console import print_fit_report, quiet_third_party, step_progress
     from dynatrack.models import DigitsDataModule, DigitsMLP
-    from dynatrack.report import print_summary
 
+    quiet_third_party(lightning_info=False)  # no tips, no device/DDP banners: the report below says it
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     torch.set_num_threads(1)
@@ -50,10 +51,10 @@ def run_demo(
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_steps=steps,
-        callbacks=[recorder],
+        callbacks=[recorder, step_progress()],
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=False,  # step_progress(): optimizer steps done/total, rank 0
         enable_model_summary=False,
         check_val_every_n_epoch=5,
     )
@@ -61,20 +62,9 @@ def run_demo(
     trainer.fit(model, dm)
     if trainer.global_rank != 0:
         return 0
-    elapsed = time.perf_counter() - start
-    run = open_run(recorder.run_dir)
-    print_summary(run.summary())
-    from rich.console import Console
-
-    acc = trainer.callback_metrics.get("val/acc")
-    Console().print(
-        f"trained {steps} steps on {devices} CPU rank(s) in {elapsed:.1f} s"
-        + (f", test accuracy {float(acc):.3f}" if acc is not None else "")
-    )
+    print_fit_report(trainer, recorder, elapsed=time.perf_counter() - start)
     if analyze:
-        try:
-            from dynatrack.parallel.analyze import analyze_and_report
-        except ImportError:
-            return 0
-        analyze_and_report(run.path)
+        from dynatrack.parallel.analyze import analyze_and_report
+
+        analyze_and_report(recorder.run_dir)
     return 0

@@ -17,37 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dynatrack.nets import MLP, load_digits_tensors
 from dynatrack.recorder.data import IndexedDataset
 
-
-class MLP(nn.Module):
-    """``Linear -> act`` blocks and a linear head; He-normal init, small biases."""
-
-    def __init__(
-        self,
-        in_features: int,
-        hidden: Sequence[int],
-        out_features: int,
-        activation: Literal["relu", "leaky_relu", "gelu"] = "relu",
-        bias_std: float = 1e-6,
-    ) -> None:
-        super().__init__()
-        acts = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
-        if activation not in acts:
-            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
-        layers: list[nn.Module] = []
-        width = in_features
-        for h in hidden:
-            linear = nn.Linear(width, h)
-            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-            nn.init.normal_(linear.bias, std=bias_std)
-            layers += [linear, acts[activation]()]
-            width = h
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x.flatten(1)))
+__all__ = ["MLP", "DigitsMLP", "DigitsDataModule", "load_digits_tensors"]
 
 
 class DigitsMLP(pl.LightningModule):
@@ -85,20 +58,6 @@ class DigitsMLP(pl.LightningModule):
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-
-
-def load_digits_tensors(seed: int = 0, test_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
-    """Digits as float inputs in [0, 1] (64 features) and int64 labels, split train/test."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=g)
-    n_test = int(round(len(x) * test_fraction))
-    test, train = perm[:n_test], perm[n_test:]
-    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
 class DigitsDataModule(pl.LightningDataModule):

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, ray_opts, wandb_opts = load_analyze_config(args.config)
     analyze_and_report(args.run, config=cfg, address=ray_opts.get("address"), num_cpus=ray_opts.get("num_cpus"),
                        wandb_mode=wandb_opts.get("mode", "offline"), project=wandb_opts.get("project", "dynatrack"),
-                       group=wandb_opts.get("group"))
+                       group=wandb_opts.get("group"), wandb_init_timeout=wandb_opts.get("init_timeout"))
     return 0
 
 

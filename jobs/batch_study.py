@@ -5,13 +5,14 @@ Given finished sweep directories (from ``dynatrack sweep`` or this script), comp
 mean ± std over seeds for the smallest and the largest batch, Welch's p-value of the difference.
 
     python jobs/batch_study.py --sweep runs/batch-digits --sweep runs/batch-synthetic
-    python jobs/batch_study.py --build --root runs --seeds 0 1 2     # build both sweeps first (plain
-                                                                     # Lightning fits, one process)
+    python jobs/batch_study.py --build --root runs --seeds 0 1 2     # run both study sweeps first
     ray job submit --working-dir . -- python jobs/batch_study.py --sweep $PWD/runs/batch-digits
 
-``--build`` runs the two study sweeps (digits and the synthetic teacher task; batch 16 vs 512;
-budgets ``epochs`` and ``updates``; SGD lr 0.05, fixed) with :func:`dynatrack.sweep.plain.run_plain_sweep`;
-finished trials are skipped on a re-run. ``--json`` prints the tests as JSON lines instead.
+``--build`` runs the two study sweeps (digits and the synthetic teacher task; MLP 64-64; batch 16 vs
+512; budgets ``epochs`` and ``updates``; SGD lr 0.05, fixed) with the sweep engine (``--engine ray``, the
+default: ``dynatrack.parallel.sweep.run_sweep``, Ray Train fits of ``--workers`` workers in a Tune grid) or
+as plain Lightning fits in this process (``--engine plain``: :func:`dynatrack.sweep.plain.run_plain_sweep`,
+one worker per trial). Finished trials are skipped on a re-run. ``--json`` prints the tests as JSON lines.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
 
 ROWS = (
     ("updates", "updates", "{:.0f}"),
@@ -45,10 +48,11 @@ ROWS = (
 )
 
 
-def study_config(task: str, seeds: list[int], epochs: int) -> dict[str, Any]:
+def study_config(task: str, seeds: list[int], epochs: int, workers: int = 1) -> dict[str, Any]:
     task_cfg = {"name": task, "seed": 0}
     return {
         "name": f"batch-{task}", "task": task_cfg, "model": {"hidden": [64, 64], "activation": "relu"},
+        "workers": workers,
         "batch_sizes": [16, 512], "seeds": seeds, "budget": ["epochs", "updates"], "epochs": epochs,
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "lr_rule": "fixed", "base_batch": 16},
         "recorder": {"schedule": {"log_spaced": {"dense": 10}}},
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--engine", default="ray", choices=["ray", "plain"],
+                        help="--build with the Ray sweep engine (default) or plain Lightning fits in this process")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers per trial (--engine ray)")
     parser.add_argument("--recompare", action="store_true", help="compare again even if compare.parquet exists")
     parser.add_argument("--address", default=None)
     parser.add_argument("--num-cpus", type=int, default=None)
@@ -107,11 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     sweeps = [Path(s) for s in args.sweep]
     timings: dict[str, float] = {}
     if args.build:
-        from dynatrack.sweep.plain import run_plain_sweep
-
         for task in ("digits", "synthetic"):
             start = time.perf_counter()
-            sweeps.append(run_plain_sweep(study_config(task, args.seeds, args.epochs), args.root))
+            if args.engine == "plain":
+                from dynatrack.sweep.plain import run_plain_sweep
+
+                sweeps.append(run_plain_sweep(study_config(task, args.seeds, args.epochs), args.root))
+            else:
+                from dynatrack.parallel.sweep import run_sweep
+                from dynatrack.sweep.config import validate_config
+
+                cfg = validate_config({**study_config(task, args.seeds, args.epochs, args.workers),
+                                       "root": args.root}, source="batch_study")
+                result = run_sweep(cfg, address=args.address, num_cpus=args.num_cpus, wandb_mode=args.wandb)
+                sweeps.append(Path(result["sweep_dir"]))
             timings[f"build {task}"] = time.perf_counter() - start
     if not sweeps:
         parser.error("give --sweep DIR (repeatable) or --build")

@@ -1,6 +1,6 @@
 """Reproduce the early-stage regime of Wang & Ma (NeurIPS 2022) with dynatrack's early_stage analyzer.
 
-    nice -n 10 python jobs/early_stage_repro.py --out docs/readme   # ~2-4 min on 2 cores
+    nice -n 10 python jobs/early_stage_repro.py --out docs/img   # ~2-4 min on 2 cores
 
 1. The paper's regime: a two-layer, mildly parameterized ReLU net (m = 4n neurons) on
    near-orthogonal data (n = 32 samples of dimension d = 128 > n, x_i ~ N(0, I/d), labels

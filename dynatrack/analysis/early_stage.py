@@ -67,10 +67,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 Loss = Literal["cross_entropy", "mse"]
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
@@ -123,6 +125,8 @@ def _targets(y: np.ndarray, n: int, c: int) -> np.ndarray:
 
 def torch_loss(f: torch.Tensor, y: torch.Tensor, loss: Loss) -> torch.Tensor:
     """The same loss as :func:`loss_and_derivative`, as a torch scalar (mean over samples)."""
+    import torch
+
     f = f.reshape(len(f), -1)
     if loss == "cross_entropy":
         return torch.nn.functional.cross_entropy(f, y.long())
@@ -308,6 +312,8 @@ def gradient_bounds(view: TwoLayerView, mask: np.ndarray, y: np.ndarray, loss: L
 
 def chain_parameters(layers: Sequence[Layer]) -> list[torch.Tensor]:
     """The chain's weights and biases as float64 leaf tensors (requires_grad), in order."""
+    import torch
+
     out = []
     for layer in layers:
         out.append(torch.tensor(np.asarray(layer.weight, dtype=np.float64), requires_grad=True))
@@ -318,6 +324,8 @@ def chain_parameters(layers: Sequence[Layer]) -> list[torch.Tensor]:
 def chain_loss(params: Sequence[torch.Tensor], slopes: Sequence[float | None], x: torch.Tensor, y: torch.Tensor,
                loss: Loss) -> torch.Tensor:
     """L(θ) of the chain ``params`` (W₁, b₁, W₂, b₂, ...) on ``(x, y)``, differentiable."""
+    import torch
+
     h = x
     for i, slope in enumerate(slopes):
         z = h @ params[2 * i].T + params[2 * i + 1]
@@ -327,6 +335,8 @@ def chain_loss(params: Sequence[torch.Tensor], slopes: Sequence[float | None], x
 
 def full_gradient(layers: Sequence[Layer], x: np.ndarray, y: np.ndarray, loss: Loss) -> tuple[float, np.ndarray]:
     """``(L, ∇L)`` by autograd over **all** parameters of the chain (flat float64 vector)."""
+    import torch
+
     params = chain_parameters(layers)
     xt = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
     val = chain_loss(params, [layer.negative_slope for layer in layers], xt, torch.as_tensor(y), loss)
@@ -350,6 +360,8 @@ def hessian_top_eigenvalue(
     (it can underestimate β; a violated descent bound names that cause). The Hessian is
     that of the piecewise-smooth loss at θ (ReLU second derivatives are zero a.e.).
     """
+    import torch
+
     params = chain_parameters(layers)
     slopes = [layer.negative_slope for layer in layers]
     xt = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(len(x), -1))

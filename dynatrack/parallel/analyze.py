@@ -33,6 +33,11 @@ from dynatrack.store.schema import ANALYSIS
 
 log = logging.getLogger(__name__)
 
+TASK_RETRIES = 3
+"""Ray retries of an analysis task whose worker process died (killed, OOM, node lost); the tasks only
+read the run directory and return tables, so a retry computes the same result. An exception raised by
+the task itself is not retried (it would fail again)."""
+
 
 def plan_step_ranges(steps: Sequence[int], n_tasks: int) -> list[list[int]]:
     """Split sorted ``steps`` into at most ``n_tasks`` contiguous, near-equal ranges."""
@@ -95,8 +100,10 @@ def analyze_run(
     recorded = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
     early_plan = early.plan(run, cfg)  # partitions, early_stage: skipped with a reason when they do not apply
     zono_plan = zonotope_tasks.plan(run, cfg)  # zonotope, expressiveness: likewise
+    # a skipped analyzer is reported with its reason below, not as "nothing to analyze"
     pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded, bool(
-        early_plan.partition_steps or early_plan.early_steps or zono_plan.zonotope_steps or zono_plan.expressiveness_steps))
+        early_plan.partition_steps or early_plan.early_steps or early_plan.skipped
+        or zono_plan.zonotope_steps or zono_plan.expressiveness_steps or zono_plan.skipped))
     weight_kinds = [a for a in cfg.analyzers if a in ("regions", "local_complexity")]
     skipped: dict[str, str] = {**early_plan.skipped, **zono_plan.skipped}  # each plan logged its own
     if weight_kinds and weight_steps:
@@ -137,8 +144,8 @@ def _run_tasks(
         # finished (a warm Ray), which planned tasks for a single CPU
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_tasks = cpus * tasks_per_cpu
-        pattern_fn = ray.remote(num_cpus=1)(pattern_task)
-        weights_fn = ray.remote(num_cpus=1)(weights_task)
+        pattern_fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(pattern_task)
+        weights_fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(weights_task)
         refs: list[Any] = []
         if "patterns" in cfg.analyzers:
             all_steps = recorded
@@ -190,8 +197,11 @@ def _steps_to_analyze(run: Run, cfg: AnalyzeConfig, recorded: list[int], others:
     return pattern_steps, weight_steps
 
 
-def _gather(refs: list[Any], progress: bool) -> list[dict[str, pa.Table]]:
-    """Wait for all tasks (``ray.wait``, not ``ray.get`` in a loop), with a progress bar."""
+def _gather(refs: list[Any], progress: bool, console: Any = None) -> list[dict[str, pa.Table]]:
+    """Wait for all tasks (``ray.wait``, not ``ray.get`` in a loop), showing tasks done/total.
+
+    On a terminal the bar updates live; elsewhere (a log file, CI) its final state is one line.
+    """
     import ray
 
     if not refs:
@@ -199,11 +209,12 @@ def _gather(refs: list[Any], progress: bool) -> list[dict[str, pa.Table]]:
     pending = list(refs)
     bar = None
     if progress:
-        from rich.progress import Progress
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        bar = Progress(transient=True)
+        bar = Progress(TextColumn("analysis tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       console=console)
         bar.start()
-        task = bar.add_task("analyzing", total=len(refs))
+        task = bar.add_task("analysis tasks", total=len(refs))
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -293,17 +304,35 @@ def log_results(
     group: str | None = None,
     wandb_dir: str | None = None,
     config: dict[str, Any] | None = None,
+    init_timeout: float | None = None,
 ) -> Any:
-    """Log the result tables to W&B (warning on failure; the Parquet files are already written)."""
-    from dynatrack.tracking import log_analysis
+    """Write the plots (``<run>/plots/*.png``) and the workspace spec, then log the result tables,
+    the training curves, the partition sizes and the plots to W&B (warning on failure; the
+    Parquet files are already written)."""
+    from dynatrack.tracking import history_rows, log_analysis
+    from dynatrack.tracking.dashboard import plot_tables, run_views, write_plots, write_workspace
+    from dynatrack.tracking.wandb_logger import INIT_TIMEOUT, PLOTS_PREFIX, TABLES_PREFIX, resolve_mode
 
     views, dims, summaries = wandb_views(results)
     skipped = {f"{SKIPPED}/{name}": reason for name, reason in skipped_analyzers(results).items()}
-    if not views and not skipped:
+    train_views, train_dims, partitions = run_views(run)
+    views, dims = {**train_views, **views}, {**train_dims, **dims}
+    cfg = config or {}
+    images = write_plots(run, plot_tables(run, results, views, partitions, split=cfg.get("split", "train"),
+                                          seed=cfg.get("seed", 0),
+                                          trust_model_code=bool(cfg.get("trust_model_code", False))))
+    if not views and not images and not skipped:
         return None
-    return log_analysis(views, dims=dims, run_id=run.run_id, project=project, group=group, mode=mode,  # type: ignore[arg-type]
-                        wandb_dir=wandb_dir, config={"run_dir": run.path, **(config or {})},
-                        summary_tables=summaries, summary=skipped)
+    res = log_analysis(views, dims=dims, run_id=run.run_id, project=project, group=group, mode=mode,  # type: ignore[arg-type]
+                       wandb_dir=wandb_dir, config={"run_dir": run.path, **cfg},
+                       summary_tables=summaries, images=images, summary=skipped,
+                       init_timeout=INIT_TIMEOUT if init_timeout is None else init_timeout)
+    keys = list(res.keys) if res is not None else [
+        *(k for _, row in history_rows(views, dims) for k in row),
+        *(f"{TABLES_PREFIX}/{k}" for k in summaries), *(f"{PLOTS_PREFIX}/{k}" for k in images)]
+    write_workspace(run, keys, project=project, mode=resolve_mode(mode),  # type: ignore[arg-type]
+                    entity=res.entity if res is not None else None)
+    return res
 
 
 def summary_rows(results: dict[str, pa.Table]) -> list[dict[str, Any]]:
@@ -333,21 +362,38 @@ def summary_rows(results: dict[str, pa.Table]) -> list[dict[str, Any]]:
     return [{"step": s, **v} for s, v in sorted(by_step.items())]
 
 
-def print_summary_table(results: dict[str, pa.Table], max_rows: int = 14) -> None:
+#: Column legend of the printed summary table.
+SUMMARY_LEGEND = (
+    "step: training step (optimizer updates); distinct (split): distinct whole-network activation patterns "
+    "among that split's probe samples; churn: mean Hamming distance of a train sample's pattern to the "
+    "previous recorded step; 1d mean / 2d mean: exact linear regions per segment / per 2-D slice (mean over "
+    "items); 2d norm: 2d mean / (N^2/2!), N hidden neurons; LC r=...: mean local complexity (neurons crossing "
+    "the neighbourhood of radius r) at the largest radius, summed over layers"
+)
+
+
+def print_summary_table(results: dict[str, pa.Table], max_rows: int = 14, console: Any = None) -> None:
+    """Print :func:`summary_rows` as a table; with more than ``max_rows`` steps, evenly spaced
+    steps (always the first and last) and a title saying how many of how many are shown."""
     from rich.console import Console
     from rich.table import Table
 
     rows = summary_rows(results)
+    total = len(rows)
     if len(rows) > max_rows:
         keep = sorted(set(np.linspace(0, len(rows) - 1, max_rows).round().astype(int).tolist()))
         rows = [rows[i] for i in keep]
+    rename = {"2d normalized": "2d norm"}
     cols = ["step"] + sorted({k for r in rows for k in r if k != "step"})
-    table = Table(title="analysis summary (whole network)")
+    subset = f", {len(rows)} of {total} steps" if len(rows) < total else ""
+    table = Table(title=f"analysis summary (whole network{subset})")
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(rename.get(c, c), justify="right", overflow="fold")
     for r in rows:
         table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in cols))
-    Console().print(table)
+    console = console or Console()
+    console.print(table)
+    console.print(SUMMARY_LEGEND, style="dim")
 
 
 def analyze_and_report(
@@ -360,8 +406,14 @@ def analyze_and_report(
     project: str = "dynatrack",
     group: str | None = None,
     wandb_dir: str | None = None,
+    wandb_init_timeout: float | None = None,
 ) -> dict[str, pa.Table]:
-    """:func:`analyze_run`, then W&B logging and a printed summary (what the CLI and the demo do)."""
+    """:func:`analyze_run`, then W&B logging and a printed summary (what the CLI and the demo do).
+
+    The Parquet results are written before W&B is contacted; a W&B failure (an unreachable server
+    online gives up after ``wandb_init_timeout`` seconds, default 30) is one warning and the results
+    are returned as usual.
+    """
     from rich.console import Console
 
     from dynatrack.tracking import resolve_mode
@@ -379,7 +431,9 @@ def analyze_and_report(
         console.print(f"skipped {name}: {reason}", markup=False)
     res = log_results(run, results, mode=wandb_mode, project=project, group=group,
                       wandb_dir=wandb_dir or run.loc.join(ANALYSIS, "wandb") if _is_local(run) else wandb_dir,
-                      config=(config or AnalyzeConfig()).to_dict())
+                      config=(config or AnalyzeConfig()).to_dict(), init_timeout=wandb_init_timeout)
+    if run.loc.exists("plots"):
+        console.print(f"plots: {run.loc.join('plots')}/")
     if res is not None:
         console.print(f"W&B ({res.mode}): {res.run_dir}")
     return results

@@ -7,6 +7,18 @@ Token authentication stays as the cluster has it: a local Ray started here uses
 Ray's defaults (token auth on for local clusters in Ray >= 2.59); for an
 existing cluster, Ray reads the token from ``RAY_AUTH_TOKEN`` /
 ``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token`` as its docs describe.
+
+Two things Ray leaves to the user, done here:
+
+* Ray writes the token file it generates for a new local cluster (and for
+  ``ray get-auth-token --generate``) with the process umask, usually readable by
+  every user of the machine. Before starting a local Ray, :func:`ensure_private_token`
+  writes that file itself, readable by its owner only (mode 0600), and warns about an
+  existing token file that others can read.
+* A client with a wrong or missing token retries for about 20 s and then reports
+  "Failed to connect". :func:`ray_session` first asks the cluster's GCS for its id
+  (one gRPC call with the token, a few seconds at most) and raises
+  :class:`ClusterAuthError` ("authentication failure") when the cluster rejects it.
 """
 
 from __future__ import annotations
@@ -14,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
+import stat
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
@@ -23,6 +37,100 @@ log = logging.getLogger(__name__)
 
 class ClusterError(RuntimeError):
     """A Ray cluster that cannot be reached or used."""
+
+
+class ClusterAuthError(ClusterError):
+    """The Ray cluster rejected this client's authentication token (or it has none)."""
+
+
+def token_path() -> str:
+    """The token file Ray reads: ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+
+
+def write_token(path: str | os.PathLike[str]) -> bool:
+    """Create a token file readable by its owner only (0600) with a fresh random token.
+
+    Returns False, writing nothing, when the file exists (an existing token is never replaced).
+    The token is never logged.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)  # O_CREAT's mode is masked by the umask; 0600 only ever narrows, but say it
+    return True
+
+
+def ensure_private_token() -> str | None:
+    """Before a local Ray starts with token auth: make sure its token file is private.
+
+    Token auth is on unless ``RAY_AUTH_MODE`` says otherwise; with ``RAY_AUTH_TOKEN`` set
+    no file is used. A missing file is created with mode 0600 (Ray would create it
+    world-readable); an existing one that group or others can read gets a warning naming
+    it and the fix (``chmod 600``); it is not changed. Returns the file's path, or None.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = token_path()
+    if write_token(path):
+        log.info("wrote a new Ray auth token to %s (mode 0600)", path)
+    else:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            log.warning("the Ray auth token file %s is readable by other users (mode %o); run `chmod 600 %s`",
+                        path, mode, path)
+    return path
+
+
+def _token_source() -> str:
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return "none: RAY_AUTH_MODE is not 'token' here, so no token was sent"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the RAY_AUTH_TOKEN environment variable"
+    path = token_path()
+    return f"the file {path}" if os.path.exists(path) else f"none found (no RAY_AUTH_TOKEN, no file {path})"
+
+
+def _check_auth(address: str, timeout: float) -> None:
+    """One GCS call with this process's token; :class:`ClusterAuthError` if the cluster rejects it."""
+    try:
+        import grpc
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # Ray's internals moved: ray.init reports whatever is wrong
+        return
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        AuthenticationError = RuntimeError  # type: ignore[misc,assignment]  # noqa: N806
+    try:
+        channel = init_grpc_channel(address)
+    except (AuthenticationError, RuntimeError):  # token auth on here but no token anywhere: certain rejection
+        channel = None
+    try:
+        if channel is not None:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+            return
+    except AuthenticationError:  # raised while adding the token to the call: there is none
+        pass
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+            log.debug("GCS auth probe of %s: %s", address, exc.code())
+            return
+    finally:
+        if channel is not None:
+            channel.close()
+    raise ClusterAuthError(
+        f"authentication failure: the Ray cluster at {address!r} rejected this client's token "
+        f"(token used: {_token_source()}). Use the cluster's token: RAY_AUTH_MODE=token and "
+        "RAY_AUTH_TOKEN_PATH=<its token file> (or ~/.ray/auth_token, or RAY_AUTH_TOKEN)"
+    )
 
 
 def _probe_address(address: str, timeout: float) -> None:
@@ -55,7 +163,9 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, conn
     afterwards; an already initialized Ray (e.g. inside ``ray job submit``) is
     reused as is. Otherwise connect to ``address`` (``"auto"``, ``host:port``,
     ``ray://host:port``) after checking within ``connect_timeout`` seconds that
-    something is listening, so a wrong address is an error, not a hang.
+    something is listening, so a wrong address is an error, not a hang, and (for a
+    ``host:port`` GCS address) that the cluster accepts this client's token
+    (:class:`ClusterAuthError`, "authentication failure", otherwise).
     """
     import ray
 
@@ -64,6 +174,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, conn
         return
     started = False
     if address is None and os.environ.get("RAY_ADDRESS") is None:
+        ensure_private_token()
         # address="local": always a fresh local instance, never a cluster that `ray start` left running
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, configure_logging=False)
@@ -71,6 +182,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, conn
     else:
         target = address or os.environ["RAY_ADDRESS"]
         _probe_address(target, connect_timeout)
+        if not target.startswith(("ray://", "http://", "https://")) and target not in ("auto", "local"):
+            _check_auth(target, connect_timeout)
         try:
             ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
         except Exception as exc:  # noqa: BLE001 - re-raised with the address named

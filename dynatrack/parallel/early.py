@@ -208,10 +208,14 @@ def partition_task(run_dir: str, steps: Sequence[int], prev_step: int | None, in
                 churn_ref[ref_name] = cmap
             row.setdefault("n_samples", sum(len(ids) for ids, _ in per_rank.values()))
             _add(stab, **row)
-            all_ids = np.sort(np.concatenate([ids for ids, _ in per_rank.values()]))
-            for sid in all_ids.tolist():
-                _add(churn, step=step, layer=layer, split=split, sample_id=sid,
-                     churn_prev=churn_ref.get(PREVIOUS, {}).get(sid), churn_init=churn_ref.get(INIT, {}).get(sid))
+            all_ids = np.sort(np.concatenate([ids for ids, _ in per_rank.values()])).tolist()
+            churn["step"] += [step] * len(all_ids)
+            churn["layer"] += [layer] * len(all_ids)
+            churn["split"] += [split] * len(all_ids)
+            churn["sample_id"] += all_ids
+            for ref_name, col in ((PREVIOUS, "churn_prev"), (INIT, "churn_init")):
+                cmap = churn_ref.get(ref_name, {})
+                churn[col] += [cmap.get(i) for i in all_ids]
     return {
         "partitions": pa.table(sizes, schema=PARTITION_SIZES),
         "partition_transitions": pa.table(trans, schema=PARTITION_TRANSITIONS),
@@ -243,18 +247,30 @@ def _masks(run: Run, steps: Sequence[int]) -> dict[int, dict[tuple[str, str], di
     out: dict[int, dict[tuple[str, str], dict[int, tuple[np.ndarray, np.ndarray]]]] = {}
     if not t.num_rows:
         return out
-    key_cols = [t.column(c).to_numpy(zero_copy_only=False) for c in ("step", "layer", "split", "rank")]
-    frame = np.rec.fromarrays(key_cols, names="step,layer,split,rank")
-    for key in np.unique(frame):
-        step, layer, split, rank = int(key[0]), str(key[1]), str(key[2]), int(key[3])
-        sel = np.flatnonzero(frame == key)
-        sub = t.take(pa.array(sel))
-        ids = sub.column("sample_id").to_numpy()
-        order = np.argsort(ids, kind="stable")
-        width = run.widths[layer]
-        bits = binary_rows(sub.column("bits"), (width + 7) // 8)[order]
+    layer_col = t.column("layer").combine_chunks().dictionary_encode()
+    split_col = t.column("split").combine_chunks().dictionary_encode()
+    codes = [np.unique(t.column("step").to_numpy(), return_inverse=True),
+             (np.asarray(layer_col.dictionary.to_pylist(), dtype=object), layer_col.indices.to_numpy()),
+             (np.asarray(split_col.dictionary.to_pylist(), dtype=object), split_col.indices.to_numpy()),
+             np.unique(t.column("rank").to_numpy(), return_inverse=True)]
+    key = np.zeros(t.num_rows, dtype=np.int64)
+    for values, idx in codes:  # one integer per (step, layer, split, rank)
+        key = key * len(values) + idx
+    ids_all = t.column("sample_id").to_numpy()
+    order = np.lexsort((ids_all, key))  # by group, then by sample id
+    bounds = np.flatnonzero(np.diff(key[order])) + 1
+    bits_col = t.column("bits")
+    for sel in np.split(order, bounds):
+        k = int(key[sel[0]])
+        parts = []
+        for values, _ in reversed(codes):
+            k, r = divmod(k, len(values))
+            parts.append(values[r])
+        rank, split, layer, step = parts
+        width = run.widths[str(layer)]
+        bits = binary_rows(bits_col.take(pa.array(sel)), (width + 7) // 8)
         mask = np.unpackbits(bits, axis=1, count=width).astype(bool)
-        out.setdefault(step, {}).setdefault((layer, split), {})[rank] = (ids[order], mask)
+        out.setdefault(int(step), {}).setdefault((str(layer), str(split)), {})[int(rank)] = (ids_all[sel], mask)
     return out
 
 
@@ -432,16 +448,16 @@ def submit(run: Run, cfg: Any, p: Plan, n_tasks: int) -> list[Any]:
     """Ray tasks for the planned step ranges (inside a Ray session)."""
     import ray
 
-    from dynatrack.parallel.analyze import plan_step_ranges
+    from dynatrack.parallel.analyze import TASK_RETRIES, plan_step_ranges
 
     refs = []
     if p.partition_steps:
-        fn = ray.remote(num_cpus=1)(partition_task)
+        fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(partition_task)
         for chunk in plan_step_ranges(p.partition_steps, n_tasks):
             i = p.partition_steps.index(chunk[0])
             refs.append(fn.remote(run.path, chunk, p.partition_steps[i - 1] if i else None, p.partition_steps[0]))
     if p.early_steps:
-        fn = ray.remote(num_cpus=1)(early_task)
+        fn = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(early_task)
         conf = {"loss": cfg.loss, "split": cfg.split, "beta_iters": cfg.beta_iters, "seed": cfg.seed,
                 "early_lr": cfg.early_lr, "trust_model_code": cfg.trust_model_code}
         for chunk in plan_step_ranges(p.early_steps, n_tasks):

@@ -135,6 +135,9 @@ def run_sweep(
     from dynatrack.sweep.manifest import prepare, write_sweep
     from dynatrack.sweep.trial import trial_spec
 
+    from dynatrack.tracking import resolve_mode
+
+    wandb_mode = resolve_mode(wandb_mode or cfg["wandb"]["mode"])  # online without credentials: an error now
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     path, manifest, todo = prepare(cfg)
@@ -187,8 +190,7 @@ def run_sweep(
                 trial.update(status="failed", error=trial.get("error") or "the trial did not run to the end")
         write_sweep(path, manifest)
         t4 = time.perf_counter()
-        _log_trials(cfg, path, [by_id[t] for t in todo if by_id[t]["status"] == "finished"],
-                    wandb_mode or cfg["wandb"]["mode"])
+        _log_trials(cfg, path, [by_id[t] for t in todo if by_id[t]["status"] == "finished"], wandb_mode)
         timings["wandb_s"] = time.perf_counter() - t4
     timings["total_s"] = time.perf_counter() - t0
     failed = [t["trial_id"] for t in manifest["trials"] if t["status"] == "failed"]

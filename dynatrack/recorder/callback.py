@@ -127,6 +127,12 @@ class PatternRecorder(Callback):
             training thread); fewer, larger hand-offs cost the training thread less.
         submit_bytes: also hand over as soon as the waiting masks and bits reach this
             many bytes (bounds memory for wide layers, e.g. conv feature maps).
+        commit_every_steps: the writer writes its buffered rows and commits them (see
+            ``docs/reliability.md``) once they hold this many recorded steps; with
+            ``submit_every`` it bounds what a crash costs: at most
+            ``submit_every + commit_every_steps + 1`` recorded steps while the writer keeps up.
+        commit_every_seconds: also commit rows that have waited this long (a slow fit
+            recording rarely still commits on time).
         neuron_counts: where per-class neuron counts are computed: ``"device"`` (a one-hot
             matmul next to the model), ``"writer"`` (on the host from the bits: on an
             accelerator by the writer thread from the packed bits; on CPU from the bool
@@ -156,6 +162,8 @@ class PatternRecorder(Callback):
         rows_per_file: int = 1_000_000,
         submit_every: int = 32,
         submit_bytes: int = 16 * 2**20,
+        commit_every_steps: int = 64,
+        commit_every_seconds: float = 60.0,
         neuron_counts: Literal["auto", "device", "writer"] = "auto",
     ) -> None:
         super().__init__()
@@ -170,6 +178,13 @@ class PatternRecorder(Callback):
             raise RecorderError(
                 "submit_every, submit_bytes, max_queue and rows_per_file must be >= 1, got "
                 f"{submit_every}, {submit_bytes}, {max_queue}, {rows_per_file}")
+        if isinstance(commit_every_steps, bool) or not isinstance(commit_every_steps, int) or commit_every_steps < 1:
+            raise RecorderError(f"commit_every_steps must be an integer >= 1, got {commit_every_steps!r}")
+        if (isinstance(commit_every_seconds, bool) or not isinstance(commit_every_seconds, (int, float))
+                or not 0 < commit_every_seconds < float("inf")):
+            raise RecorderError(f"commit_every_seconds must be a number of seconds > 0, got {commit_every_seconds!r}")
+        self.commit_every_steps = commit_every_steps
+        self.commit_every_seconds = float(commit_every_seconds)
         if neuron_counts not in ("auto", "device", "writer"):
             raise RecorderError(f"neuron_counts must be 'auto', 'device' or 'writer', got {neuron_counts!r}")
         self.neuron_counts = neuron_counts
@@ -235,6 +250,9 @@ class PatternRecorder(Callback):
         self._probe_decoders: dict[str, _ProbeDecoder] = {}  # CPU probe steps: per split, kept for the run
         self._probe_meta: tuple[Any, ...] = ({}, {}, 0, None, {})
         self._grad_norm: Any = None  # accelerators: a tensor on the device; CPU: a float
+        # the lr the optimizer applies in this step's update, read before it runs: Lightning steps a
+        # per-step lr scheduler before on_train_batch_end, so reading it there gives the next step's
+        self._step_lr: float | None = None
         self._want_steps = False  # the current step has a ``steps`` row (decided at batch start)
         self._steps_live = self._weights_live = True  # some schedule may fire (set at train start)
         self._next_due: float = 0
@@ -302,6 +320,7 @@ class PatternRecorder(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self._want_steps:
             self._grad_norm = _grad_norm(self._params) if self._on_accelerator else _grad_norm_cpu(self._params)
+            self._step_lr = _optimizer_lr(optimizer)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -471,7 +490,8 @@ class PatternRecorder(Callback):
                 onehot = torch.ones(1, len(split), device=device)
             self._onehots[name] = [onehot[:, i : i + self.probe_batch_size] for i in range(0, len(split), self.probe_batch_size)]
         self._writer = ShardWriter(
-            self._loc, rank=self._rank, attempt=self.attempt, max_queue=self.max_queue, rows_per_file=self.rows_per_file
+            self._loc, rank=self._rank, attempt=self.attempt, max_queue=self.max_queue, rows_per_file=self.rows_per_file,
+            max_buffer_steps=self.commit_every_steps, max_buffer_seconds=self.commit_every_seconds,
         )
 
     def _create_or_resume(self, trainer: Trainer, pl_module: LightningModule, resuming: bool) -> int:
@@ -748,6 +768,7 @@ class PatternRecorder(Callback):
             self._want_steps = False
             loss = _loss_of(outputs).detach()
             gn, self._grad_norm = self._grad_norm, None
+            lr, self._step_lr = self._step_lr, None
             if self._on_accelerator:  # one tensor, for the single host copy
                 gn = gn.float() if gn is not None else torch.tensor(float("nan"), device=loss.device)
                 scalars = torch.stack([loss.float().reshape(()), gn.reshape(()).to(loss.device)])
@@ -757,7 +778,7 @@ class PatternRecorder(Callback):
             meta = {
                 "step": step,
                 "epoch": trainer.current_epoch,
-                "lr": _lr(trainer),
+                "lr": lr if lr is not None else _lr(trainer),
                 "batch_size": (ids.numel() if ids is not None else _batch_len(batch)) * self._world * _accumulation(trainer),
                 "wall_time": time.time(),
             }
@@ -1009,6 +1030,13 @@ def _loss_of(outputs: Any) -> torch.Tensor:
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
         return loss
     return torch.tensor(float("nan"))
+
+
+def _optimizer_lr(optimizer: Any) -> float | None:
+    try:
+        return float(optimizer.param_groups[0]["lr"])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _lr(trainer: Trainer) -> float:

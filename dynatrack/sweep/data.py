@@ -36,7 +36,7 @@ def make_task(name: str, seed: int = 0, **options: Any) -> tuple[TensorDataset, 
       ``teacher_width`` (32), ``label_noise`` (0.1). Fully determined by ``seed``.
     """
     if name == "digits":
-        from dynatrack.models import load_digits_tensors
+        from dynatrack.nets import load_digits_tensors
 
         unknown = set(options) - {"test_fraction"}
         if unknown:
@@ -75,7 +75,7 @@ def _synthetic(
 
 def build_net(model: Mapping[str, Any], meta: Mapping[str, int]) -> nn.Module:
     """The MLP a sweep config's ``model`` section names (``hidden``, ``activation``), sized for the task."""
-    from dynatrack.models import MLP
+    from dynatrack.nets import MLP
 
     unknown = set(model) - {"hidden", "activation"}
     if unknown:

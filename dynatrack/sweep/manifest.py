@@ -83,7 +83,7 @@ def prepare(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Any], list[str]]:
     """
     path = sweep_dir(cfg)
     planned = plan_trials(cfg)
-    config = {k: v for k, v in cfg.items()}
+    config = dict(cfg)
     if (path / SWEEP_FILE).exists():
         manifest = read_sweep(path)
         if identity(manifest["config"]) != identity(json.loads(json.dumps(config))):

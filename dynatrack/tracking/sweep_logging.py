@@ -1,7 +1,7 @@
 """W&B views of a sweep comparison: one run per trial grouped by the sweep, plus a comparison run.
 
 Per trial: W&B run id ``wandb_run_id(f"{sweep_id}-{trial_id}")`` (``resume="allow"``: a
-re-comparison updates it), name = trial id, ``group`` = sweep id, ``job_type="trial"``, config
+re-comparison updates it), name = the same, ``group`` = sweep id, ``job_type="trial"``, config
 keys ``batch_size``, ``per_worker_batch``, ``lr``, ``world_size``, ``seed``, ``budget`` (plus
 ``max_steps``, ``sweep_id``); its history is the trial's ``steps`` table (``train/loss``, mean over
 ranks, and ``train/lr`` against ``trainer/step``); its summary the row of ``compare.parquet``
@@ -81,7 +81,8 @@ def log_sweep(
             summary = {f"compare/{k}": v for k, v in rows.get(tid, {}).items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
             config = {**{k: t[k] for k in CONFIG_KEYS if k in t}, "sweep_id": sweep_id, "trial_id": tid}
-            out[tid] = _log_run(f"{sweep_id}-{tid}", tid, sweep_id, "trial", config, history, summary, {}, {},
+            name = f"{sweep_id}-{tid}"
+            out[tid] = _log_run(name, name, sweep_id, "trial", config, history, summary, {}, {},
                                 project=project, mode=mode, wandb_dir=wandb_dir)
         except Exception as exc:  # noqa: BLE001 - W&B is a view; compare.parquet is the record
             logger.warning("W&B logging of trial %s failed (%s: %s); compare.parquet is unaffected",

@@ -11,6 +11,12 @@ an int64 ``step`` column (optimizer updates), zero or more *dimension* columns
 (analyzer, dimension values, metric) becomes one series keyed
 ``"<analyzer>/<dim value>/.../<metric>"`` against the x-axis ``trainer/step``.
 
+Each analysis is a W&B run of its own: id ``<run id>-<UTC time>`` (see `analysis_run_id`),
+display name = the training run's id, the same ``group``, and ``previous_analysis`` in its config
+naming the W&B run of the analysis before it (found in the same ``wandb_dir``). A re-analysis
+therefore never appends a second history whose ``trainer/step`` restarts at 0 to one run, offline
+or online; in the W&B UI, filter or group by display name to compare analyses of one training run.
+
 Example (offline, no account needed)::
 
     >>> import pyarrow as pa
@@ -31,6 +37,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +54,17 @@ OnError = Literal["warn", "raise"]
 STEP_KEY = "trainer/step"
 """The x-axis of every analyzer series: the training step (number of optimizer updates)."""
 
+INIT_TIMEOUT = 30.0
+"""Seconds W&B may take to start a run (its own default, 90 s, is long for an unreachable server)."""
+
 TABLES_PREFIX = "tables"
-_RESERVED_ANALYZERS = frozenset({"trainer", TABLES_PREFIX})
+PLOTS_PREFIX = "plots"
+_RESERVED_ANALYZERS = frozenset({"trainer", TABLES_PREFIX, PLOTS_PREFIX})
 _MODES = ("offline", "online", "disabled", "auto")
 _ID_ALLOWED = re.compile(r"[^A-Za-z0-9_.-]")
 _ID_MAX_LEN = 64
+_STAMP = "%Y%m%dT%H%M%S"
+_RUN_FOLDER = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-(.+)$")
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -64,20 +77,27 @@ class WandbResult:
     """Where an analysis run went.
 
     Attributes:
-        run_id: the W&B run id (the sanitised ``run_id``), the same on every re-analysis.
+        run_id: the W&B run id of this analysis, ``<sanitised run id>-<UTC time>``.
         run_dir: the local run folder, ``<wandb_dir>/wandb/offline-run-<time>-<id>`` offline or
             ``.../run-<time>-<id>`` online; it holds ``run-<id>.wandb`` (see `read_offline_run`).
         mode: ``"offline"`` or ``"online"``, after resolving ``"auto"``.
         url: the run's page on the W&B server (online only).
+        previous: the W&B run id of the previous analysis of the same training run, if one
+            was found in the same ``wandb_dir``.
+        entity: the W&B entity (online only).
+        keys: every history key logged (series, tables, images).
     """
 
     run_id: str
     run_dir: Path
     mode: Literal["offline", "online"]
     url: str | None = None
+    previous: str | None = None
+    entity: str | None = None
+    keys: tuple[str, ...] = ()
 
 
-def wandb_run_id(run_id: str) -> str:
+def wandb_run_id(run_id: str, max_len: int = _ID_MAX_LEN) -> str:
     """Map a dynatrack run id onto W&B's run-id rules, deterministically.
 
     Characters other than letters, digits, ``_``, ``.`` and ``-`` become ``-``. When
@@ -92,10 +112,39 @@ def wandb_run_id(run_id: str) -> str:
     if not run_id or not run_id.strip():
         raise ValueError("run_id must be a non-empty string")
     clean = _ID_ALLOWED.sub("-", run_id.strip())
-    if clean == run_id and len(clean) <= _ID_MAX_LEN:
+    if clean == run_id and len(clean) <= max_len:
         return clean
     digest = hashlib.sha1(run_id.encode()).hexdigest()[:8]
-    return f"{clean[: _ID_MAX_LEN - 9]}-{digest}"
+    return f"{clean[: max_len - 9]}-{digest}"
+
+
+def analysis_run_id(run_id: str, wandb_dir: str | os.PathLike[str] | None = None,
+                    *, now: float | None = None) -> tuple[str, str | None]:
+    """``(W&B run id for a new analysis of run_id, W&B run id of the previous one or None)``.
+
+    The new id is ``wandb_run_id(run_id)`` (at most 47 characters) + ``-`` + the UTC time
+    (``20261207T013000``), with ``-2``, ``-3``, ... if that id already has a folder. Earlier
+    analyses are the ``offline-run-*`` / ``run-*`` folders under ``<wandb_dir>/wandb`` whose id is
+    the base id, alone (dynatrack < 0.2) or followed by such a suffix; the latest is returned.
+
+    >>> analysis_run_id("digits-mlp-s0", "/nonexistent", now=0)
+    ('digits-mlp-s0-19700101T000000', None)
+    """
+    base = wandb_run_id(run_id, max_len=_ID_MAX_LEN - 17)
+    folders = []
+    root = Path(wandb_dir) / "wandb" if wandb_dir is not None else None
+    if root is not None and root.is_dir():
+        for child in root.iterdir():
+            m = _RUN_FOLDER.match(child.name)
+            if m and (m.group(2) == base or re.fullmatch(re.escape(base) + r"-\d{8}T\d{6}(-\d+)?", m.group(2))):
+                folders.append((m.group(1), m.group(2)))
+    taken = {rid for _, rid in folders}
+    stamp = time.strftime(_STAMP, time.gmtime(time.time() if now is None else now))
+    wb_id, k = f"{base}-{stamp}", 2
+    while wb_id in taken:
+        wb_id, k = f"{base}-{stamp}-{k}", k + 1
+    previous = max(folders)[1] if folders else None
+    return wb_id, previous
 
 
 def resolve_mode(mode: Mode) -> ResolvedMode:
@@ -138,9 +187,11 @@ def log_analysis(
     wandb_dir: str | os.PathLike[str] | None = None,
     config: Mapping[str, Any] | None = None,
     summary_tables: Mapping[str, pa.Table] | None = None,
+    images: Mapping[str, str | os.PathLike[str]] | None = None,
     summary: Mapping[str, Any] | None = None,
     rank: int = 0,
     on_error: OnError = "warn",
+    init_timeout: float = INIT_TIMEOUT,
 ) -> WandbResult | None:
     """Log analyzer result tables of one training run as one W&B run.
 
@@ -149,12 +200,13 @@ def log_analysis(
     ``trainer/step``: one ``run.log`` per training step, steps in increasing order, all
     analyzers' values for that step together, never ``step=`` (W&B drops logs whose
     internal step goes backwards). Each of ``summary_tables`` becomes a
-    ``wandb.Table`` under ``tables/<name>``, logged with the last step. The run summary
+    ``wandb.Table`` under ``tables/<name>`` and each of ``images`` (PNG files) a
+    ``wandb.Image`` under ``plots/<name>``, both logged with the last step. The run summary
     holds each series' final value and ``trainer/final_step``.
 
-    The W&B run id is ``wandb_run_id(run_id)`` with ``resume="allow"``, so re-analysing
-    a run updates the same W&B run. Offline, each re-analysis adds another
-    ``offline-run-*-<id>`` folder with the same id; ``wandb sync`` sends them to that run.
+    Every call is a new W&B run (`analysis_run_id`: ``<run id>-<UTC time>``, display name
+    ``run_id``, config ``previous_analysis`` = the previous analysis' W&B run id found in
+    ``wandb_dir``), so no run's history restarts at step 0.
 
     Args:
         results: analyzer name -> table (``step``, dimension columns, numeric metrics).
@@ -167,12 +219,16 @@ def log_analysis(
             None lets W&B choose (``WANDB_DIR`` or the working directory).
         config: recorded as the run's config.
         summary_tables: name -> small table (per-layer summaries), logged as wandb.Tables.
+        images: name -> PNG file, logged as wandb.Images under ``plots/<name>``.
         summary: extra run-summary entries (e.g. ``skipped/<analyzer>`` = reason).
         rank: the process's global rank. Only rank 0 logs; any other rank returns None
             at once, without checking credentials or touching disk.
         on_error: what a W&B failure (import, init, disk, network, ...) does:
             ``"warn"`` (default) logs a warning and returns None, ``"raise"`` raises
             `TrackingError` from it.
+        init_timeout: seconds W&B may take to start the run (``wandb.Settings(init_timeout=)``;
+            W&B's own default is 90). An unreachable server online fails after about this long,
+            with one warning. ``WANDB_INIT_TIMEOUT``, when set, wins.
 
     Returns:
         Where the run went, or None (other rank, disabled, or a W&B failure with
@@ -187,28 +243,38 @@ def log_analysis(
         return None
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+    if not isinstance(init_timeout, (int, float)) or not init_timeout > 0:
+        raise ValueError(f"init_timeout must be a number of seconds > 0, got {init_timeout!r}")
     resolved = resolve_mode(mode)
     if resolved == "disabled":
         return None
     rows = history_rows(results, dims)
     tables = _check_summary_tables(summary_tables or {})
-    wb_id = wandb_run_id(run_id)
+    pictures = _check_images(images or {})
+    wb_id, previous = analysis_run_id(run_id, wandb_dir if wandb_dir is not None else _default_wandb_dir())
+    config = dict(config or {})
+    if previous is not None:
+        config.setdefault("previous_analysis", previous)
     try:
         return _log_to_wandb(
             rows,
             tables,
+            pictures,
+            previous=previous,
             wb_id=wb_id,
             name=run_id,
             project=project,
             group=group,
             mode=resolved,
             wandb_dir=None if wandb_dir is None else Path(wandb_dir),
-            config=dict(config or {}),
+            config=config,
             summary=dict(summary or {}),
+            init_timeout=init_timeout,
         )
     except Exception as exc:  # noqa: BLE001 - any W&B failure must not lose the run's results
+        detail = " ".join(str(exc).split())  # one line: W&B's errors span several
         message = (
-            f"W&B logging of run {run_id!r} failed ({type(exc).__name__}: {exc}); the analysis "
+            f"W&B logging of run {run_id!r} failed ({type(exc).__name__}: {detail}); the analysis "
             "results on disk are unaffected, re-run the logging to retry."
         )
         if on_error == "raise":
@@ -295,7 +361,9 @@ def read_offline_run(run_dir: str | os.PathLike[str], *, timeout: float = 120.0)
 def _log_to_wandb(
     rows: list[tuple[int, dict[str, Any]]],
     tables: Mapping[str, pa.Table],
+    images: Mapping[str, Path],
     *,
+    previous: str | None,
     wb_id: str,
     name: str,
     project: str,
@@ -304,6 +372,7 @@ def _log_to_wandb(
     wandb_dir: Path | None,
     config: dict[str, Any],
     summary: dict[str, Any] | None = None,
+    init_timeout: float = INIT_TIMEOUT,
 ) -> WandbResult:
     import wandb
 
@@ -320,11 +389,11 @@ def _log_to_wandb(
         name=name,
         group=group,
         job_type="analysis",
-        resume="allow",
+        resume="never",
         reinit="create_new",  # never finish a run the caller (e.g. a Lightning WandbLogger) holds
         mode=mode,
         dir=None if wandb_dir is None else str(wandb_dir),
-        settings=wandb.Settings(silent=True, console="off", disable_git=True),
+        settings=wandb.Settings(silent=True, console="off", disable_git=True, **_init_timeout(init_timeout)),
     )
     exit_code = 1
     try:
@@ -335,13 +404,19 @@ def _log_to_wandb(
         for analyzer in analyzers:
             run.define_metric(f"{analyzer}/*", step_metric=STEP_KEY)
         payloads: list[dict[str, Any]] = [{STEP_KEY: step, **values} for step, values in rows]
+        last: dict[str, Any] = {}
         if tables:
             run.define_metric(f"{TABLES_PREFIX}/*", step_metric=STEP_KEY)
-            wandb_tables = {f"{TABLES_PREFIX}/{key}": _to_wandb_table(t) for key, t in tables.items()}
+            last.update({f"{TABLES_PREFIX}/{key}": _to_wandb_table(t) for key, t in tables.items()})
+        if images:
+            run.define_metric(f"{PLOTS_PREFIX}/*", step_metric=STEP_KEY)
+            last.update({f"{PLOTS_PREFIX}/{key}": wandb.Image(str(p), caption=key) for key, p in images.items()})
+        if last:
             if payloads:
-                payloads[-1].update(wandb_tables)
+                payloads[-1].update(last)
             else:
-                payloads.append(wandb_tables)
+                payloads.append(last)
+        keys = sorted({k for payload in payloads for k in payload})
         for payload in payloads:
             run.log(payload)
         final: dict[str, Any] = {}
@@ -355,11 +430,21 @@ def _log_to_wandb(
             run_dir=Path(run.settings.sync_dir),
             mode=mode,
             url=run.url if mode == "online" else None,
+            previous=previous,
+            entity=run.entity if mode == "online" else None,
+            keys=tuple(keys),
         )
         exit_code = 0
         return result
     finally:
         run.finish(exit_code=exit_code)
+
+
+def _init_timeout(seconds: float) -> dict[str, float]:
+    """``init_timeout`` for ``wandb.Settings``, unless the user set W&B's own ``WANDB_INIT_TIMEOUT``."""
+    if os.environ.get("WANDB_INIT_TIMEOUT"):
+        return {}
+    return {"init_timeout": float(seconds)}
 
 
 def _metric_columns(analyzer: str, table: pa.Table, analyzer_dims: list[str]) -> list[str]:
@@ -397,6 +482,23 @@ def _check_summary_tables(tables: Mapping[str, pa.Table]) -> dict[str, pa.Table]
         if not key or not isinstance(table, pa.Table):
             raise ValueError(f"summary_tables[{key!r}] must be a pyarrow.Table under a non-empty name")
     return dict(tables)
+
+
+def _check_images(images: Mapping[str, str | os.PathLike[str]]) -> dict[str, Path]:
+    out = {}
+    for key, path in images.items():
+        if not key or "/" in key:
+            raise ValueError(f"images[{key!r}]: the name must be non-empty, without '/'")
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"images[{key!r}]: {str(p)!r} is not a file")
+        out[key] = p
+    return out
+
+
+def _default_wandb_dir() -> str:
+    """Where W&B puts its ``wandb/`` folder when ``dir`` is not given."""
+    return os.environ.get("WANDB_DIR") or os.getcwd()
 
 
 def _to_wandb_table(table: pa.Table) -> Any:

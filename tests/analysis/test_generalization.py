@@ -55,6 +55,7 @@ def test_exact_expectations_recover_g2_and_trace():
     assert est.b_simple == pytest.approx(tr / g2, rel=1e-8)
 
 
+@pytest.mark.slow
 def test_sampled_measurements_converge_to_the_exact_noise_scale():
     net, x, y = tiny(seed=1, n=10)
     g2, tr = exact_g2_trace(net, x, y)

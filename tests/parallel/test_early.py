@@ -146,6 +146,8 @@ def test_analyzers_that_do_not_apply_skip_with_their_reason(tmp_path, local_ray,
     res = analyze_run(leaky, config=AnalyzeConfig(analyzers=EARLY), progress=False)
     assert "early_stage" not in res and res["partitions"].num_rows  # the other analyzer ran
     assert "early_stage skipped" in caplog.text and "ReLU last hidden layer" in caplog.text
+    reasons = dict(zip(*(res["skipped"].column(c).to_pylist() for c in ("analyzer", "reason"))))
+    assert "ReLU last hidden layer" in reasons["early_stage"]  # also in analysis/skipped.parquet
     with pytest.raises(StoreError, match="early_stage does not apply: .*ReLU last hidden layer"):
         analyze_run(leaky, config=AnalyzeConfig(analyzers=("early_stage",)), progress=False)  # nothing else to run
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +241,19 @@ def test_rerun_through_the_cli_moves_the_earlier_result(sweep):
     assert not [h for h in again["history"] if "train/loss" in h]
     assert again["summary"]["compare/test_acc"] == pytest.approx(
         next(r["test_acc"] for r in before.to_pylist() if r["trial_id"] == "bs64-s0-epochs"))
+
+
+def test_a_wandb_failure_is_a_warning_and_the_parquet_files_are_written(sweep, caplog):
+    path = sweep["path"]
+    shutil.move(str(path / "wandb"), str(path / "wandb-kept"))
+    (path / "wandb").write_text("not a directory")  # W&B cannot create its folder here
+    try:
+        with caplog.at_level(logging.WARNING, logger="dynatrack"):
+            table = compare_sweep(path, wandb_mode="offline", progress=False)
+    finally:
+        (path / "wandb").unlink()
+        shutil.move(str(path / "wandb-kept"), str(path / "wandb"))
+    failures = [r for r in caplog.records if "W&B logging" in r.getMessage()]
+    assert len(failures) == 5  # four trials and the comparison, each a warning
+    assert pq.read_table(path / "compare.parquet").equals(table)
+    assert len(glob.glob(str(path / "previous" / "compare-*.parquet"))) == 2

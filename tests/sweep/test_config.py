@@ -113,3 +113,18 @@ def test_cli_reports_bad_input_in_one_line_before_ray_starts(tmp_path):
 def test_shipped_config_is_valid():
     cfg = load_config(Path(__file__).parents[2] / "configs" / "batch_sweep.yaml")
     assert len(plan_trials(cfg)) == len(cfg["batch_sizes"]) * len(cfg["seeds"]) * len(cfg["budget"])
+
+
+def test_wandb_online_without_credentials_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    from dynatrack.parallel.sweep import run_sweep
+    from dynatrack.tracking import TrackingError
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    for name in ("WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = validate_config(base(root=str(tmp_path / "runs"), wandb={"mode": "online"}))
+    with pytest.raises(TrackingError, match="online"):
+        run_sweep(cfg)
+    assert not (tmp_path / "runs").exists()

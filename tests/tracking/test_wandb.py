@@ -15,6 +15,7 @@ import pytest
 from dynatrack.tracking import (
     STEP_KEY,
     TrackingError,
+    analysis_run_id,
     log_analysis,
     read_offline_run,
     resolve_mode,
@@ -117,7 +118,7 @@ def test_logged_history_equals_the_arrow_tables(tmp_path):
         summary_tables={"layers": _layer_table()},
     )
 
-    assert res is not None and res.mode == "offline" and res.run_id == "digits-mlp-s0"
+    assert res is not None and res.mode == "offline" and res.run_id.startswith("digits-mlp-s0-")
     assert res.run_dir.parent == tmp_path / "wb" / "wandb"
     assert res.run_dir.name.startswith("offline-run-")
     run = read_offline_run(res.run_dir)
@@ -163,9 +164,9 @@ def test_logged_history_equals_the_arrow_tables(tmp_path):
     assert run["run"]["display_name"] == "digits-mlp-s0"
 
 
-def test_reanalysis_reuses_the_run_id(tmp_path):
-    """Offline, each re-analysis is a new offline-run-* folder, but of the same W&B run id,
-    so `wandb sync` resumes one run instead of creating a duplicate."""
+def test_reanalysis_is_a_fresh_run_id_with_the_previous_noted(tmp_path):
+    """Offline, one shared id per training run left two offline runs whose steps restart at 0;
+    now each analysis is its own W&B run (display name = run id) and names the previous one."""
     results = {"regions": _results()["regions"]}
     wb = tmp_path / "wb"
     first = log_analysis(results, dims=DIMS, run_id="exp/run:1", wandb_dir=wb)
@@ -173,15 +174,33 @@ def test_reanalysis_reuses_the_run_id(tmp_path):
     other = log_analysis(results, dims=DIMS, run_id="exp-run-1", wandb_dir=wb)
 
     assert first is not None and second is not None and other is not None
-    assert first.run_id == second.run_id == wandb_run_id("exp/run:1")
-    assert other.run_id != first.run_id, "sanitising must not merge distinct run ids"
-    assert first.run_dir != second.run_dir, "a re-analysis never overwrites the earlier log"
+    base = wandb_run_id("exp/run:1")
+    assert first.run_id.startswith(base + "-") and second.run_id.startswith(base + "-")
+    assert first.run_id != second.run_id, "a re-analysis is a new W&B run"
+    assert first.previous is None and second.previous == first.run_id
+    assert not other.run_id.startswith(base), "sanitising must not merge distinct run ids"
+    assert other.previous is None, "another training run's analyses are not its history"
+    assert first.run_dir != second.run_dir
 
-    runs = {d: read_offline_run(d) for d in (wb / "wandb").glob("offline-run-*")}
-    assert sorted(run["run_id"] for run in runs.values()) == sorted([first.run_id, first.run_id, other.run_id])
-    for run_dir in (first.run_dir, second.run_dir):
-        assert runs[run_dir]["run"]["resume"] is True
-        assert runs[run_dir]["run"]["display_name"] == "exp/run:1"
+    run = read_offline_run(second.run_dir)
+    assert run["run_id"] == second.run_id and run["run"]["display_name"] == "exp/run:1"
+    assert run["config"]["previous_analysis"] == first.run_id
+    assert [row[STEP_KEY] for row in run["history"]] == sorted(REGION_STEPS)
+
+
+def test_analysis_run_ids_are_unique_within_a_second(tmp_path):
+    wb = tmp_path / "wb"
+    (wb / "wandb" / "offline-run-20261207_010000-r-20261207T010000").mkdir(parents=True)
+    (wb / "wandb" / "offline-run-20261207_005900-r").mkdir()  # an id of dynatrack 0.1 (no suffix)
+    (wb / "wandb" / "offline-run-20261207_010000-rx-20261207T010000").mkdir()  # another run's
+    import calendar
+    import time as _time
+
+    now = calendar.timegm(_time.strptime("20261207T010000", "%Y%m%dT%H%M%S"))
+    assert analysis_run_id("r", wb, now=now) == ("r-20261207T010000-2", "r-20261207T010000")
+    assert analysis_run_id("rx", wb, now=now + 1) == ("rx-20261207T010001", "rx-20261207T010000")
+    assert analysis_run_id("q", wb, now=now) == ("q-20261207T010000", None)
+    assert len(analysis_run_id("x" * 200, wb)[0]) <= 64
 
 
 def test_online_without_credentials_raises_before_any_work(tmp_path):
