@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dynatrack.parallel import early
+from dynatrack.parallel import early, zonotope_tasks
 from dynatrack.parallel.cluster import ray_session
 from dynatrack.parallel.tasks import NETWORK, AnalyzeConfig, pattern_task, weight_analyzers_support, weights_task
 from dynatrack.store.fs import RunLocation
@@ -99,11 +99,13 @@ def analyze_run(
     run = open_run(run_dir)
     recorded = run.recorded_steps("patterns", source="probe") if "patterns" in cfg.analyzers else []
     early_plan = early.plan(run, cfg)  # partitions, early_stage: skipped with a reason when they do not apply
-    # a skipped early analyzer is reported with its reason below, not as "nothing to analyze"
-    pattern_steps, weight_steps = _steps_to_analyze(
-        run, cfg, recorded, bool(early_plan.partition_steps or early_plan.early_steps or early_plan.skipped))
+    zono_plan = zonotope_tasks.plan(run, cfg)  # zonotope, expressiveness: likewise
+    # a skipped analyzer is reported with its reason below, not as "nothing to analyze"
+    pattern_steps, weight_steps = _steps_to_analyze(run, cfg, recorded, bool(
+        early_plan.partition_steps or early_plan.early_steps or early_plan.skipped
+        or zono_plan.zonotope_steps or zono_plan.expressiveness_steps or zono_plan.skipped))
     weight_kinds = [a for a in cfg.analyzers if a in ("regions", "local_complexity")]
-    skipped: dict[str, str] = dict(early_plan.skipped)  # early.plan logged its own
+    skipped: dict[str, str] = {**early_plan.skipped, **zono_plan.skipped}  # each plan logged its own
     if weight_kinds and weight_steps:
         # before Ray: a run without a model description fails here, saying what to do; an
         # analyzer that does not apply to this model (regions on a CNN) is skipped with its reason
@@ -118,8 +120,8 @@ def analyze_run(
         # nothing asked for applies: say why, rather than write an empty analysis
         raise RunError("; ".join(f"{k} does not apply: {v}" for k, v in skipped.items()))
     parts = _run_tasks(run, cfg, address, num_cpus, tasks_per_cpu, progress, recorded, pattern_steps,
-                       weight_kinds if weight_steps else [], weight_steps, early_plan)
-    results = early.finish(run, cfg, _concat(parts))
+                       weight_kinds if weight_steps else [], weight_steps, early_plan, zono_plan)
+    results = zonotope_tasks.finish(run, early.finish(run, cfg, _concat(parts)))
     results[SKIPPED] = pa.table({"analyzer": list(skipped), "reason": list(skipped.values())}, schema=SKIPPED_SCHEMA)
     for name, table in results.items():
         write_analysis(run, name, table)
@@ -129,10 +131,11 @@ def analyze_run(
 def _run_tasks(
     run: Run, cfg: AnalyzeConfig, address: str | None, num_cpus: int | None, tasks_per_cpu: int, progress: bool,
     recorded: list[int], pattern_steps: list[int], weight_kinds: list[str], weight_steps: list[int],
-    early_plan: early.Plan,
+    early_plan: early.Plan, zono_plan: zonotope_tasks.Plan | None = None,
 ) -> list[dict[str, pa.Table]]:
     if not ("patterns" in cfg.analyzers and pattern_steps) and not weight_kinds and not (
-            early_plan.partition_steps or early_plan.early_steps):
+            early_plan.partition_steps or early_plan.early_steps) and not (
+            zono_plan and (zono_plan.zonotope_steps or zono_plan.expressiveness_steps)):
         return []  # nothing left to compute: no Ray to start
     with ray_session(address, num_cpus=num_cpus):
         import ray
@@ -155,6 +158,7 @@ def _run_tasks(
             for chunk in plan_step_ranges(weight_steps, n_tasks):
                 refs.append(weights_fn.remote(run.path, chunk, cfg_dict, weight_kinds))
         refs += early.submit(run, cfg, early_plan, n_tasks)
+        refs += zonotope_tasks.submit(run, cfg, zono_plan, n_tasks) if zono_plan else []
         return _gather(refs, progress)
 
 
@@ -287,6 +291,7 @@ def wandb_views(results: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], dict
         })
         dims["local_complexity"] = ["layer", "radius"]
     early.wandb_views(results, views, dims)
+    zonotope_tasks.wandb_views(results, views, dims)
     return views, dims, summaries
 
 

@@ -48,12 +48,16 @@ class AnalyzeConfig:
     early_lr: float | None = None  # step size η of the bounds; default: the steps table's lr
     early_min_samples: int = 32  # smallest probe split that may stand in for the training set
     early_loss_ratio: float = 0.5  # the early stage ends at the first step with L(t) <= ratio * L(0)
+    zonotope_samples: int = 256  # zonotope (dynatrack/parallel/zonotope_tasks.py): probe subset of the vertex LP checks
+    zonotope_qp_samples: int = 64  # ... of the fixed-pattern problem (a dense QP: keep samples x neurons small)
+    expressiveness_samples: int = 512  # expressiveness: probe subset (memory grows with its square)
 
     def __post_init__(self) -> None:
         unknown = set(self.analyzers) - set(ANALYZERS)
         if unknown:
             raise ValueError(f"unknown analyzers {sorted(unknown)}; choose from {list(ANALYZERS)}")
-        for name in ("n_slices", "n_segments", "boundary_samples", "lc_samples", "lc_directions"):
+        for name in ("n_slices", "n_segments", "boundary_samples", "lc_samples", "lc_directions", "zonotope_samples",
+                     "zonotope_qp_samples", "expressiveness_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.loss not in ("cross_entropy", "mse"):
@@ -74,7 +78,7 @@ class AnalyzeConfig:
         return asdict(self)
 
 
-ANALYZERS = ("patterns", "regions", "local_complexity", "early_stage", "partitions")
+ANALYZERS = ("patterns", "regions", "local_complexity", "early_stage", "partitions", "zonotope", "expressiveness")
 
 
 # -- patterns ---------------------------------------------------------------------------
