@@ -9,7 +9,7 @@ training samples. Measures (medians of ``--repeat``):
   ``--qp-samples`` samples (its dense QP grows like (n·m)·(m·(d+1))).
 Prints one JSON object.
 
-    python jobs/bench_zonotope.py --out docs/readme/zonotope_bench.json
+    python jobs/bench_zonotope.py --out docs/results/zonotope_bench.json
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ measured without fine-tuning and after ``finetune`` more full-batch steps with t
 network is then trained ``steps`` steps (the claim that the criterion works before training).
 Prints one JSON object; ``--out`` writes it and ``--plot`` a PNG.
 
-    python jobs/expressiveness_prune.py --seeds 0 1 2 --ks 8 16 32 --out docs/readme/expressiveness_prune.json
+    python jobs/expressiveness_prune.py --seeds 0 1 2 --ks 8 16 32 --out docs/results/expressiveness_prune.json
 """
 
 from __future__ import annotations

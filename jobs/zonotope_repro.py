@@ -10,7 +10,7 @@ fewer neurons starts from one random initialization and is trained two ways:
 Also reported: GD's final patterns polished by the convex problem (the fixed-pattern optimum
 at GD's final vertex). Prints one JSON object; ``--out`` also writes it.
 
-    python jobs/zonotope_repro.py --seeds 0 1 2 3 --out docs/readme/zonotope_repro.json
+    python jobs/zonotope_repro.py --seeds 0 1 2 3 --out docs/results/zonotope_repro.json
 """
 
 from __future__ import annotations

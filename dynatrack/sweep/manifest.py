@@ -2,7 +2,7 @@
 shared initial weights ``init/seed=<s>.pt``, and a clean resume (unfinished trial directories moved
 aside to ``failed/<trial>-<time>/``, never deleted or mixed).
 
-Layout (``docs/readme/sweep.md``)::
+Layout (README, "The sweep directory")::
 
     <root>/<sweep_id>/
       sweep.json            {"format": "dynatrack.sweep/1", "sweep_id", "config", "trials": [...], "versions"}

@@ -1,7 +1,7 @@
 """A batch-size sweep as plain Lightning fits in one process, one after the other (no Ray).
 
 The reference builder of sweep directories (the layout of ``dynatrack sweep``, see
-``docs/readme/compare.md``): the comparison's tests build their sweeps with it, and
+the README): the comparison's tests build their sweeps with it, and
 ``jobs/batch_study.py`` uses it where Ray Train is not wanted. Each trial is an ordinary
 Lightning fit on one CPU process (``world_size = 1``, so ``per_worker_batch = batch_size``)
 with the :class:`~dynatrack.PatternRecorder`; every trial of seed ``s`` starts from
