@@ -215,3 +215,35 @@ def test_regions_parquet_and_logged_series_agree(run_copy, results, logged):
             by_step.setdefault(r["step"], []).append(r["count"])
     for step, counts in by_step.items():
         assert history[step]["regions/2d_mean"] == pytest.approx(sum(counts) / len(counts))
+
+
+def _readme_key_patterns() -> list[str]:
+    """The keys of the README's "W&B keys" table, ``<placeholder>`` parts as regexes."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme[readme.index("#### W&B keys"):]
+    rows = []
+    for line in block.splitlines()[1:]:
+        if line.startswith("| `"):
+            rows.append(line.split("|")[1])
+        elif rows and not line.startswith("|"):
+            break
+    keys = [k for cell in rows for k in re.findall(r"`([^`]+)`", cell)]
+    return [re.escape(k).replace(r"<", "<").replace(r">", ">") for k in keys]
+
+
+def test_readme_lists_exactly_the_logged_wandb_keys(logged):
+    """Every key the README documents is logged, and every logged history key is documented."""
+    import re
+
+    _, run = logged
+    # media (images, tables) are flattened into "<key>.<field>" in the offline history
+    logged_keys = {re.sub(r"^((?:plots|tables)/[^.]+)\..*$", r"\1", k)
+                   for row in run["history"] for k in row if not k.startswith("_")}
+    patterns = [re.compile("^" + re.sub(r"<[a-z_]+>", r"[^/]+", p) + "$") for p in _readme_key_patterns()]
+    assert len(patterns) >= 15
+    undocumented = sorted(k for k in logged_keys if not any(p.match(k) for p in patterns))
+    assert not undocumented, f"logged but not in the README's W&B keys table: {undocumented}"
+    unlogged = [p.pattern for p in patterns if not any(p.match(k) for k in logged_keys)]
+    assert not unlogged, f"in the README's W&B keys table but not logged: {unlogged}"
