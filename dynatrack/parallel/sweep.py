@@ -163,6 +163,9 @@ def run_sweep(
             timings["ray_start_s"] = time.perf_counter() - t1
             concurrent = check_resources(cpus_per_trial)
             callback = _make_callback_class()(path, manifest)
+            # Tune adds a TensorBoard logger when tensorboardX is installed and warns when it is not:
+            # dynatrack logs to W&B, so that advice is noise for a sweep
+            logging.getLogger("ray.tune.utils.callback").addFilter(_NoTensorboardAdvice())
             tuner = tune.Tuner(
                 tune.with_resources(tune.with_parameters(_trial_driver, specs=specs), DRIVER_RESOURCES),
                 param_space={"trial_id": tune.grid_search(todo)},
@@ -258,3 +261,10 @@ def _make_callback_class() -> type:
             self._update(trial, status="failed", error=None)  # the error text comes with the results
 
     return ManifestCallback
+
+
+class _NoTensorboardAdvice(logging.Filter):
+    """Drops Ray Tune's "install tensorboardX" warning (the sweep's trials log to W&B)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "TensorboardX logger cannot be instantiated" not in record.getMessage()
