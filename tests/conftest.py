@@ -115,3 +115,15 @@ def local_ray():  # noqa: ANN201
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _dynatrack_logger_restored():  # noqa: ANN202
+    """The CLI, called in-process by some tests, gives the ``dynatrack`` logger its own handler and
+    stops propagation (right for a process, wrong for the next test's caplog): undo it after each test."""
+    logger = logging.getLogger("dynatrack")
+    level, propagate, handlers = logger.level, logger.propagate, list(logger.handlers)
+    yield
+    logger.setLevel(level)
+    logger.propagate = propagate
+    logger.handlers[:] = handlers

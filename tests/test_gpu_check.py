@@ -70,9 +70,9 @@ def test_cpu_mode_compares_every_recorded_bit(cpu_check):
     # the overhead figures are the medians of the interleaved fits they list
     o = out["overhead"]
     assert len(o["plain_s"]) == len(o["recorder_s"]) == 2
-    assert o["ratio_of_medians"] == pytest.approx(np.median(o["recorder_s"]) / np.median(o["plain_s"]), rel=1e-3)
+    assert o["ratio_of_medians"] == pytest.approx(np.median(o["recorder_s"]) / np.median(o["plain_s"]), rel=1e-2)  # of rounded times
     assert o["median_paired_ratio"] == pytest.approx(
-        np.median(np.asarray(o["recorder_s"]) / np.asarray(o["plain_s"])), rel=1e-3)
+        np.median(np.asarray(o["recorder_s"]) / np.asarray(o["plain_s"])), rel=1e-2)
 
 
 @pytest.mark.slow

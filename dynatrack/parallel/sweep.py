@@ -222,7 +222,8 @@ def _log_trials(cfg: Mapping[str, Any], path: Path, trials: list[dict[str, Any]]
             agg = steps.group_by("step").aggregate([("loss", "mean"), ("lr", "max")]).sort_by("step")
             table = pa.table({"step": pc.cast(agg["step"], pa.int64()), "loss": agg["loss_mean"], "lr": agg["lr_max"]})
             keys = ("batch_size", "per_worker_batch", "lr", "world_size", "seed", "budget", "max_steps")
-            log_analysis({"train": table}, dims={}, run_id=f"{cfg['name']}-{trial['trial_id']}", group=cfg["name"],
+            log_analysis({"train": table}, dims={}, run_id=f"{cfg['name']}-{trial['trial_id']}",
+                         wandb_id=f"{cfg['name']}-{trial['trial_id']}", group=cfg["name"],
                          project=cfg["wandb"]["project"], mode=mode, wandb_dir=path / "wandb",
                          config={**{k: trial[k] for k in keys}, "sweep_id": cfg["name"], "trial_id": trial["trial_id"]})
         except Exception as exc:  # noqa: BLE001 - W&B is a view; the run directories are the record

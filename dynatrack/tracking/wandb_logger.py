@@ -192,6 +192,7 @@ def log_analysis(
     rank: int = 0,
     on_error: OnError = "warn",
     init_timeout: float = INIT_TIMEOUT,
+    wandb_id: str | None = None,
 ) -> WandbResult | None:
     """Log analyzer result tables of one training run as one W&B run.
 
@@ -229,6 +230,8 @@ def log_analysis(
         init_timeout: seconds W&B may take to start the run (``wandb.Settings(init_timeout=)``;
             W&B's own default is 90). An unreachable server online fails after about this long,
             with one warning. ``WANDB_INIT_TIMEOUT``, when set, wins.
+        wandb_id: a fixed W&B run id instead of a new one per call, for a run logged once
+            and resumed by id later (a sweep's trial run, which the comparison adds to).
 
     Returns:
         Where the run went, or None (other rank, disabled, or a W&B failure with
@@ -251,7 +254,10 @@ def log_analysis(
     rows = history_rows(results, dims)
     tables = _check_summary_tables(summary_tables or {})
     pictures = _check_images(images or {})
-    wb_id, previous = analysis_run_id(run_id, wandb_dir if wandb_dir is not None else _default_wandb_dir())
+    if wandb_id is not None:
+        wb_id, previous = wandb_id, None
+    else:
+        wb_id, previous = analysis_run_id(run_id, wandb_dir if wandb_dir is not None else _default_wandb_dir())
     config = dict(config or {})
     if previous is not None:
         config.setdefault("previous_analysis", previous)
