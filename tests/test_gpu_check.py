@@ -98,6 +98,7 @@ def test_a_flipped_bit_on_disk_is_a_mismatch(cpu_check):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.soak
 def test_cpu_ddp_fit_is_checked_too():
     """Two gloo ranks (NCCL's place on the CPU): rows of both ranks, neuron counts summed over ranks."""
     proc = _check("--device", "cpu", "--ddp-devices", "2", "--steps", "6", "--pairs", "0", timeout=560)

@@ -177,6 +177,7 @@ def run_ddp_script(root: Path, name: str, devices: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_two_rank_ddp_recording_merges_to_the_one_process_result(tmp_path, local_ray):
     """A real 2-process DDP recording: merged over ranks, the analyzers give what one process gives."""
     run_ddp_script(tmp_path, "ddp2", 2)

@@ -17,7 +17,7 @@ from test_ray_job import RAY, REPO, head  # noqa: F401 - the module-scoped head 
 
 # each trial starts fresh Ray Train worker processes (torch + Lightning imports): about 10 s a trial on an idle
 # 2-core machine, minutes on a shared, overloaded one
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]
 
 
 @pytest.mark.slow

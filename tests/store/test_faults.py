@@ -142,6 +142,7 @@ def check_resumed(run_dir: Path, steps: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
+@pytest.mark.soak
 def test_ddp_rank_killed_mid_fit_then_in_on_fit_end_then_resumed(tmp_path):
     run_dir = tmp_path / "runs" / "f"
     # 1. rank 1 SIGKILLed at step 23 (last checkpoint: step 20); rank 0 fails on the dead peer

@@ -20,7 +20,7 @@ from conftest import assert_signs
 
 # each trial starts fresh Ray Train worker processes (torch + Lightning imports): about 10 s a trial on an idle
 # 2-core machine, minutes on a shared, overloaded one
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]
 
 TASK = {"name": "synthetic", "seed": 0, "n_train": 96, "n_test": 40}
 FAIL = "bs16-s0-epochs"
