@@ -197,8 +197,8 @@ def _steps_to_analyze(run: Run, cfg: AnalyzeConfig, recorded: list[int], others:
     return pattern_steps, weight_steps
 
 
-def _gather(refs: list[Any], progress: bool, console: Any = None) -> list[dict[str, pa.Table]]:
-    """Wait for all tasks (``ray.wait``, not ``ray.get`` in a loop), showing tasks done/total.
+def _gather(refs: list[Any], progress: bool, console: Any = None, label: str = "analysis tasks") -> list[Any]:
+    """Wait for all tasks (``ray.wait``, not ``ray.get`` in a loop), showing ``label`` done/total.
 
     On a terminal the bar updates live; elsewhere (a log file, CI) its final state is one line.
     """
@@ -211,10 +211,9 @@ def _gather(refs: list[Any], progress: bool, console: Any = None) -> list[dict[s
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        bar = Progress(TextColumn("analysis tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       console=console)
+        bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
         bar.start()
-        task = bar.add_task("analysis tasks", total=len(refs))
+        task = bar.add_task(label, total=len(refs))
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

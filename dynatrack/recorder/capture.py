@@ -88,6 +88,11 @@ def eager(hook: Callable[..., None]) -> Callable[..., None]:
     return torch.compiler.disable(hook, recursive=True)
 
 
+def hook_wrapper(compiled: bool) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """:func:`eager` for hooks on ``torch.compile``'d models, else the hook as it is."""
+    return eager if compiled else (lambda hook: hook)
+
+
 _GATHER = 0x8040201008040201 - 2**64  # as a signed int64
 
 
@@ -262,7 +267,7 @@ class Capture:
         self.modules = modules
         # torch.compile'd models: the hooks run eagerly (a graph break at each recorded module, on
         # recorded steps only: torch.compile then keeps a graph with the hooks and one without)
-        self._wrap = eager if compiled else (lambda hook: hook)
+        self._wrap = hook_wrapper(compiled)
         self.calls = calls or {name: 1 for name, _ in modules}
         self._handles: list[Any] = []
         self._seen: dict[str, int] = defaultdict(int)
@@ -449,7 +454,7 @@ def trace_layers(
 
         return hook
 
-    wrap = eager if compiled else (lambda hook: hook)
+    wrap = hook_wrapper(compiled)
     handles = [m.register_forward_hook(wrap(make(name))) for name, m in modules]
     try:
         with torch.no_grad():

@@ -488,26 +488,10 @@ def _interpolation_pairs(done: list[dict[str, Any]]) -> list[tuple[dict[str, Any
 
 
 def _gather(refs: list[Any], progress: bool) -> list[Any]:
-    """Wait for all tasks with ``ray.wait`` (progress bar), then one ``ray.get``."""
-    import ray
+    """Wait for all tasks with ``ray.wait`` (progress bar), then one ``ray.get``: the analysis engine's."""
+    from dynatrack.parallel.analyze import _gather as gather
 
-    pending = list(refs)
-    bar = None
-    if progress and refs:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("comparing trials", total=len(refs))
-    try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            if bar is not None:
-                bar.update(task, advance=len(ready))
-        return list(ray.get(refs))
-    finally:
-        if bar is not None:
-            bar.stop()
+    return gather(refs, progress, label="comparing trials")
 
 
 _TYPES = {"trial_id": pa.string(), "batch_size": pa.int64(), "per_worker_batch": pa.int64(), "world_size": pa.int64(),
@@ -553,22 +537,19 @@ def _move_previous(path: Path) -> None:
     for name in OUTPUTS:
         src = path / f"{name}.parquet"
         if src.exists():
-            (path / "previous").mkdir(exist_ok=True)
-            dst = path / "previous" / f"{name}-{stamp}.parquet"
-            k = 1
-            while dst.exists():
-                dst = path / "previous" / f"{name}-{stamp}-{k}.parquet"
-                k += 1
-            src.rename(dst)
+            src.rename(_free_name(path / "previous", f"{name}-{stamp}", ".parquet"))
     plots = path / "plots"
     if plots.exists():
-        (path / "previous").mkdir(exist_ok=True)
-        dst = path / "previous" / f"plots-{stamp}"
-        k = 1
-        while dst.exists():
-            dst = path / "previous" / f"plots-{stamp}-{k}"
-            k += 1
-        shutil.move(str(plots), str(dst))
+        shutil.move(str(plots), str(_free_name(path / "previous", f"plots-{stamp}", "")))
+
+
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/<stem><suffix>``, or ``<stem>-<k><suffix>`` for the first k free (``folder`` created)."""
+    folder.mkdir(exist_ok=True)
+    dst, k = folder / f"{stem}{suffix}", 1
+    while dst.exists():
+        dst, k = folder / f"{stem}-{k}{suffix}", k + 1
+    return dst
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:

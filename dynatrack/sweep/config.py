@@ -82,6 +82,17 @@ def _unknown(keys: set[str], valid: list[str], where: str) -> SweepConfigError:
                             f"valid keys are {', '.join(valid)}")
 
 
+def _distinct_ints(values: Any, key: str, what: str, each: str, minimum: int) -> list[int]:
+    """``values``, checked to be a non-empty list of distinct integers >= ``minimum``."""
+    if not isinstance(values, list) or not values:
+        raise SweepConfigError(f"{key} must be a non-empty list of {what}")
+    for v in values:
+        _int(v, each, minimum)
+    if len(set(values)) != len(values):
+        raise SweepConfigError(f"{key.split(': ')[-1]} lists a value twice: {values}")
+    return values
+
+
 def _int(value: Any, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SweepConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
@@ -157,13 +168,8 @@ def validate_config(data: Any, source: str = "sweep config") -> dict[str, Any]:
     _choice(model["activation"], "model.activation", ("relu", "leaky_relu"))
 
     workers = _int(cfg["workers"], "workers", 1)
-    sizes = cfg["batch_sizes"]
-    if not isinstance(sizes, list) or not sizes:
-        raise SweepConfigError(f"{source}: batch_sizes must be a non-empty list of global batch sizes, e.g. [16, 256]")
-    for b in sizes:
-        _int(b, "every batch size", 1)
-    if len(set(sizes)) != len(sizes):
-        raise SweepConfigError(f"batch_sizes lists a size twice: {sizes}")
+    sizes = _distinct_ints(cfg["batch_sizes"], f"{source}: batch_sizes", "global batch sizes, e.g. [16, 256]",
+                           "every batch size", 1)
     too_big = [b for b in sizes if b > n_train]
     if too_big:
         raise SweepConfigError(
@@ -179,13 +185,7 @@ def validate_config(data: Any, source: str = "sweep config") -> dict[str, Any]:
     seeds = cfg["seeds"]
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds:
-        raise SweepConfigError(f"seeds must be a non-empty list of integers, got {cfg['seeds']!r}")
-    for s in seeds:
-        _int(s, "every seed", 0)
-    if len(set(seeds)) != len(seeds):
-        raise SweepConfigError(f"seeds lists a seed twice: {seeds}")
-    cfg["seeds"] = seeds
+    cfg["seeds"] = _distinct_ints(seeds, "seeds", f"integers, got {cfg['seeds']!r}", "every seed", 0)
 
     budget = cfg["budget"]
     budget = [budget] if isinstance(budget, str) else budget
