@@ -92,3 +92,24 @@ def test_documented_analyzers_and_commands_exist() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     block = README[README.index("\n## Command line"):README.index("\n## Bad input")]
     assert sorted(set(re.findall(r"^dynatrack (\w+)", block, re.M))) == sorted(sub.choices)
+
+
+def test_sweep_config_keys_table_documents_every_key() -> None:
+    """Every key of the sweep config (and every sub-key of the closed sections shown as one row) is in
+    the README's table, and the table names no key the config does not know."""
+    from dynatrack.sweep.config import DEFAULTS
+
+    rows = {r[0].strip("`"): r for r in table_after("#### Config keys")}
+    documented = set()
+    for key, default in DEFAULTS.items():
+        if key in rows:
+            documented.add(key)
+            if isinstance(default, dict) and key not in ("task", "compare"):  # one row: sub-keys in its text
+                for sub in default:
+                    assert sub in " ".join(rows[key]), f"README config row {key!r} does not mention {sub!r}"
+        else:
+            assert isinstance(default, dict), f"README config table lacks {key!r}"
+            for sub in default:
+                assert f"{key}.{sub}" in rows, f"README config table lacks {key}.{sub}"
+                documented.add(f"{key}.{sub}")
+    assert set(rows) == documented

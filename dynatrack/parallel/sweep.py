@@ -1,18 +1,30 @@
-"""Run a sweep on Ray: a Ray Tune grid whose trials each launch a Ray Train ``TorchTrainer``.
+"""Run a sweep on Ray: Ray Train worker groups, launched by a Ray Tune grid, that serve the trials.
 
-This is Ray's documented Train-in-Tune pattern (Ray >= 2.43, Ray Train V2): a Tune function
-(:func:`_trial_driver`, 0 CPUs: it only drives) builds and fits one ``TorchTrainer`` per trial; every
-Train worker runs the trial's Lightning fit with ``RayDDPStrategy`` (gloo), ``RayLightningEnvironment``
-and ``prepare_trainer``, with the :class:`~dynatrack.PatternRecorder` on every worker writing the
-trial's run directory. Tune runs the trials in parallel up to the cluster's CPUs
-(``max_concurrent_trials`` = cluster CPUs // CPUs per trial); no scheduler of our own.
+Every trial is a Lightning fit run by Ray Train (Ray Train V2): each Train worker runs the trial's fit
+with ``RayDDPStrategy`` (gloo), ``RayLightningEnvironment`` and ``prepare_trainer``, and the
+:class:`~dynatrack.PatternRecorder` on every worker writes the trial's run directory.
+
+What is *not* one-per-trial is the worker group. Ray Train V2 starts a controller and fresh worker
+processes for every ``TorchTrainer.fit()``, and a fresh process pays about 8 s of CPU importing torch,
+Lightning and Ray Train before it can fit anything (about 30 s of fixed cost per trial on 2 cores,
+measured: ``jobs/bench_sweep.py``). So the sweep starts one ``TorchTrainer`` per *lane*, as many lanes
+as trials fit on the cluster at once (cluster CPUs // CPUs per trial, ``max_concurrent_trials``), and
+each lane's workers take trials one after another from a shared queue (:class:`_TrialQueue`, a Ray
+actor): rank 0 takes the next trial id, broadcasts it over the worker group's gloo process group, and
+every rank runs that trial's Lightning fit in the same processes. Lanes are the grid of a Ray Tune
+run (``tune.Tuner`` over lane indices; a lane's Tune function, 0 CPUs, only drives its ``TorchTrainer``).
+
+A trial that raises ends its worker group (Ray Train tears down every rank, so no rank is left waiting
+in a collective); the lane records that trial as failed and starts a fresh ``TorchTrainer`` for the
+trials still queued. ``ray.trials_per_worker_group`` (default: unlimited) caps how many trials one
+worker group serves; ``1`` gives every trial fresh worker processes (Ray's plain Train-in-Tune shape).
 
 >>> from dynatrack.sweep.config import load_config
 >>> result = run_sweep(load_config("configs/batch_sweep.yaml"))     # doctest: +SKIP
 >>> result["failed"]                                                 # doctest: +SKIP
 []
 
-The driver (this process) keeps ``sweep.json`` up to date from a Tune callback (running, finished,
+The driver (this process) keeps ``sweep.json`` up to date from the queue's events (running, finished,
 failed with the error and the wall time). A failed trial does not stop the others; a re-run of the
 same sweep skips finished trials and re-runs the rest (see :func:`dynatrack.sweep.manifest.prepare`).
 """
@@ -24,6 +36,7 @@ import io
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,52 +50,122 @@ class SweepResourceError(SweepConfigError):
     """A trial needs more resources than the cluster has."""
 
 
-# The Tune function only drives its TorchTrainer: no CPU of its own (Tune needs a non-empty request,
-# so it asks for 1 MiB of Ray's memory resource), so a trial's CPUs are its Train workers' only.
+# A lane's Tune function only drives its TorchTrainer: no CPU of its own (Tune needs a non-empty request,
+# so it asks for 1 MiB of Ray's memory resource), so a lane's CPUs are its Train workers' only.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 
-def _train_worker(spec: dict[str, Any]) -> None:
-    """One Ray Train worker of a trial: the trial's Lightning fit under ``RayDDPStrategy``."""
-    worker_start = time.time()
+class _TrialQueue:
+    """The trials still to run, and what happened to the ones taken (a Ray actor, 0 CPUs).
+
+    ``take(lane)`` hands out the next trial id (``None`` when none is left) and remembers it as the
+    lane's current trial; ``finished`` / ``failed`` close it. Every change is an event
+    ``(unix_time, trial_id, status, error)`` that the driver reads with ``events(since)``.
+    """
+
+    def __init__(self, trial_ids: list[str]) -> None:
+        self.todo = deque(trial_ids)
+        self.current: dict[int, str] = {}
+        self.log: list[tuple[float, str, str, str | None]] = []
+
+    def take(self, lane: int) -> str | None:
+        if not self.todo:
+            return None
+        tid = self.current[lane] = self.todo.popleft()
+        self.log.append((time.time(), tid, "running", None))
+        return tid
+
+    def finished(self, lane: int, trial_id: str) -> None:
+        if self.current.get(lane) == trial_id:
+            del self.current[lane]
+        self.log.append((time.time(), trial_id, "finished", None))
+
+    def failed(self, lane: int, error: str | None) -> str | None:
+        """Close the lane's current trial as failed; returns its id (``None``: the lane had none)."""
+        tid = self.current.pop(lane, None)
+        if tid is not None:
+            self.log.append((time.time(), tid, "failed", error))
+        return tid
+
+    def remaining(self) -> int:
+        return len(self.todo)
+
+    def events(self, since: int = 0) -> list[tuple[float, str, str, str | None]]:
+        return self.log[since:]
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a lane: take trials from the queue and run each one's Lightning fit."""
+    group_start = time.time()
     import lightning.pytorch as pl
+    import ray
+    import ray.train
     import torch
+    import torch.distributed as dist
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from dynatrack.sweep.trial import FailAt, build_fit, trainer_options, write_trial_file
 
     torch.set_num_threads(1)
-    module, loader, recorder, tensors = build_fit(spec)
-    callbacks: list[pl.Callback] = [recorder]
-    if spec.get("fail_at") is not None:
-        callbacks.insert(0, FailAt(spec["fail_at"]))
-    trainer = pl.Trainer(devices="auto", strategy=RayDDPStrategy(process_group_backend="gloo"),
-                         plugins=[RayLightningEnvironment()], callbacks=callbacks, **trainer_options(spec))
-    trainer = prepare_trainer(trainer)
-    start, fit_start = time.perf_counter(), time.time()
-    trainer.fit(module, train_dataloaders=loader)
-    if trainer.global_rank == 0:
-        timeline = {"worker_start": worker_start, "fit_start": fit_start, "fit_end": time.time()}
-        write_trial_file(spec, trainer, module, tensors, time.perf_counter() - start, timeline)
+    queue, lane, specs = config["queue"], int(config["lane"]), config["specs"]
+    limit = config.get("max_trials")
+    rank = ray.train.get_context().get_world_rank()
+    served = 0
+    while limit is None or served < limit:
+        box = [ray.get(queue.take.remote(lane)) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)  # every rank runs the trial rank 0 took
+        if box[0] is None:
+            return
+        spec = specs[box[0]]
+        taken = time.time()
+        module, loader, recorder, tensors = build_fit(spec)
+        callbacks: list[pl.Callback] = [recorder]
+        if spec.get("fail_at") is not None:
+            callbacks.insert(0, FailAt(spec["fail_at"]))
+        trainer = pl.Trainer(devices="auto", strategy=RayDDPStrategy(process_group_backend="gloo"),
+                             plugins=[RayLightningEnvironment()], callbacks=callbacks, **trainer_options(spec))
+        trainer = prepare_trainer(trainer)
+        start, fit_start = time.perf_counter(), time.time()
+        trainer.fit(module, train_dataloaders=loader)
+        if rank == 0:
+            timeline = {"group_start": group_start, "trials_before_in_group": served, "worker_start": taken,
+                        "fit_start": fit_start, "fit_end": time.time()}
+            write_trial_file(spec, trainer, module, tensors, time.perf_counter() - start, timeline)
+            ray.get(queue.finished.remote(lane, spec["trial_id"]))
+        served += 1
 
 
-def _trial_driver(config: dict[str, Any], specs: Mapping[str, dict[str, Any]] | None = None) -> None:
-    """The Tune function of one trial: build and fit its ``TorchTrainer`` (Ray's Train-in-Tune pattern)."""
+def _lane_driver(config: dict[str, Any], specs: Mapping[str, dict[str, Any]] | None = None,
+                 queue: Any = None, max_trials: int | None = None) -> None:
+    """The Tune function of one lane: fit ``TorchTrainer``s that serve queued trials until none is left.
+
+    A failed fit fails the lane's current trial (its error kept) and the lane goes on with a fresh
+    worker group; a failure with no trial taken (the worker group itself cannot start) ends the lane.
+    """
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    assert specs is not None
-    spec = specs[config["trial_id"]]
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config=spec,
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=int(spec["world_size"]), use_gpu=False,
-                                               resources_per_worker={"CPU": float(spec["cpus_per_worker"])}),
-        run_config=ray.train.RunConfig(name=f"{spec['trial_id']}-{spec['stamp']}",
-                                       storage_path=str(Path(spec["sweep_dir"], "ray", "train"))),
-    )
-    trainer.fit()
+    assert specs is not None and queue is not None
+    lane = int(config["lane"])
+    some = next(iter(specs.values()))
+    group = 0
+    while ray.get(queue.remaining.remote()) > 0:
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"queue": queue, "lane": lane, "specs": specs, "max_trials": max_trials},
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=int(some["world_size"]), use_gpu=False,
+                                                   resources_per_worker={"CPU": float(some["cpus_per_worker"])}),
+            run_config=ray.train.RunConfig(name=f"lane{lane}-{group}-{some['stamp']}",
+                                           storage_path=str(Path(some["sweep_dir"], "ray", "train"))),
+        )
+        group += 1
+        try:
+            trainer.fit()
+        except Exception as exc:  # noqa: BLE001 - the trial's error goes to the manifest; the lane goes on
+            if ray.get(queue.failed.remote(lane, error_summary(exc))) is None:
+                raise
 
 
 def error_summary(error: BaseException | str | None, limit: int = 400) -> str | None:
@@ -129,6 +212,7 @@ def run_sweep(
     Returns:
         ``{"sweep_dir", "trials" (the sweep.json entries), "ran", "skipped", "failed", "timings"}``.
     """
+    import ray
     from ray import tune
 
     from dynatrack.parallel.cluster import ray_session
@@ -161,28 +245,35 @@ def run_sweep(
         t1 = time.perf_counter()
         with ray_session(address, num_cpus=num_cpus):
             timings["ray_start_s"] = time.perf_counter() - t1
-            concurrent = check_resources(cpus_per_trial)
-            callback = _make_callback_class()(path, manifest)
+            lanes = min(check_resources(cpus_per_trial), len(todo))
+            timings["lanes"] = lanes
+            queue = ray.remote(num_cpus=0)(_TrialQueue).remote(list(todo))
+            callback = _make_callback_class()(path, manifest, queue)
             # Tune adds a TensorBoard logger when tensorboardX is installed and warns when it is not:
             # dynatrack logs to W&B, so that advice is noise for a sweep
             logging.getLogger("ray.tune.utils.callback").addFilter(_NoTensorboardAdvice())
+            driver = tune.with_parameters(_lane_driver, specs=specs, queue=queue,
+                                          max_trials=ray_cfg.get("trials_per_worker_group"))
             tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(_trial_driver, specs=specs), DRIVER_RESOURCES),
-                param_space={"trial_id": tune.grid_search(todo)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
+                tune.with_resources(driver, DRIVER_RESOURCES),
+                param_space={"lane": tune.grid_search(list(range(lanes)))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=lanes),
                 run_config=tune.RunConfig(name=f"tune-{stamp}", storage_path=str(path / "ray"), verbose=0,
                                           callbacks=[callback]),
             )
             t2 = time.perf_counter()
+            timings["tune_started_at"] = time.time()
             tune_output = io.StringIO()  # Tune prints an experiment banner whatever its verbosity
             with contextlib.redirect_stdout(tune_output):
                 grid = tuner.fit()
             log.debug("Ray Tune output:\n%s", tune_output.getvalue())
             timings["tune_fit_s"] = time.perf_counter() - t2
-            for result in grid:
-                tid = result.config["trial_id"]
-                if result.error is not None:
-                    by_id[tid].update(status="failed", error=error_summary(result.error))
+            timings["tune_ended_at"] = time.time()
+            callback.sync()
+            lane_errors = [error_summary(r.error) for r in grid if r.error is not None]
+            for tid in todo:  # trials a failed lane left behind
+                if by_id[tid]["status"] in ("pending", "running") and lane_errors:
+                    by_id[tid].update(status="failed", error=lane_errors[0])
             t3 = time.perf_counter()
         timings["ray_stop_s"] = time.perf_counter() - t3
         for tid in todo:  # a trial whose fit returned without trial.json did not finish
@@ -234,32 +325,39 @@ def _make_callback_class() -> type:
     from ray import tune
 
     class ManifestCallback(tune.Callback):
-        """Keeps ``sweep.json`` current from the driver: running, finished (with wall time), failed."""
+        """Keeps ``sweep.json`` current from the driver: the trial queue's events (running, finished with
+        its wall time, failed with its error), read at every step of Tune's loop."""
 
-        def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
-            self.path, self.manifest = path, manifest
+        def __init__(self, path: Path, manifest: dict[str, Any], queue: Any) -> None:
+            self.path, self.manifest, self.queue = path, manifest, queue
             self.by_id = {t["trial_id"]: t for t in manifest["trials"]}
-            self.started: dict[str, float] = {}
+            self.seen = 0
+            self.next_poll = 0.0
 
-        def _update(self, trial: Any, **changes: Any) -> None:
+        def sync(self) -> None:
+            """Apply the queue's new events to ``sweep.json``."""
+            import ray
+
             from dynatrack.sweep.manifest import write_sweep
 
-            tid = trial.config["trial_id"]
-            if tid in self.started and changes.get("status") in ("finished", "failed"):
-                now = time.time()
-                changes.update(wall_time_s=round(now - self.started[tid], 3), ended_at=now)
-            self.by_id[tid].update(changes)
+            events = ray.get(self.queue.events.remote(self.seen))
+            if not events:
+                return
+            self.seen += len(events)
+            for when, tid, status, error in events:
+                trial = self.by_id[tid]
+                if status == "running":
+                    trial.update(status="running", error=None, started_at=when)
+                else:
+                    trial.update(status=status, error=error, ended_at=when,
+                                 wall_time_s=round(when - trial.get("started_at", when), 3))
             write_sweep(self.path, self.manifest)
 
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.started[trial.config["trial_id"]] = now = time.time()
-            self._update(trial, status="running", error=None, started_at=now)
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trial, status="finished", error=None)
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trial, status="failed", error=None)  # the error text comes with the results
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            now = time.monotonic()
+            if now >= self.next_poll:  # Tune steps often; a queue read every 0.5 s is plenty
+                self.next_poll = now + 0.5
+                self.sync()
 
     return ManifestCallback
 

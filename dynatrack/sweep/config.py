@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
                  "probe_batch_size": 1024},
     "compare": {"sharpness_eps": 1e-3, "hessian_iters": 20, "interpolation_points": 25, "noise_scale_batches": 32},
     "wandb": {"mode": "offline", "project": "dynatrack"},
-    "ray": {"address": None, "num_cpus": None, "cpus_per_worker": 1},
+    "ray": {"address": None, "num_cpus": None, "cpus_per_worker": 1, "trials_per_worker_group": None},
 }
 # Sections whose keys are checked against the defaults (task takes make_task's options besides name and seed).
 _CLOSED_SECTIONS = ("model", "optimizer", "recorder", "compare", "wandb", "ray")
@@ -220,6 +220,8 @@ def validate_config(data: Any, source: str = "sweep config") -> dict[str, Any]:
     if ray_cfg["num_cpus"] is not None:
         _int(ray_cfg["num_cpus"], "ray.num_cpus", 1)
     _number(ray_cfg["cpus_per_worker"], "ray.cpus_per_worker", positive=True)
+    if ray_cfg["trials_per_worker_group"] is not None:
+        _int(ray_cfg["trials_per_worker_group"], "ray.trials_per_worker_group", 1)
     cfg["meta"] = {"n_train": n_train, "n_test": len(_test), **meta}
     return cfg
 

@@ -18,8 +18,8 @@ from dynatrack.sweep.trial import fit_plain, trial_spec
 from conftest import assert_signs
 
 
-# each trial starts fresh Ray Train worker processes (torch + Lightning imports): about 10 s a trial on an idle
-# 2-core machine, minutes on a shared, overloaded one
+# each worker group starts fresh Ray Train worker processes (torch + Lightning imports): about 30 s on an idle
+# 2-core machine (once per sweep, and again after a failed trial), minutes on a shared, overloaded one
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]
 
 TASK = {"name": "synthetic", "seed": 0, "n_train": 96, "n_test": 40}
@@ -166,3 +166,37 @@ def test_a_rerun_skips_finished_trials_and_resumes_the_failed_one(first_sweep):
     assert info["final_step"] == 2 * (48 // 8)
     manifest = json.loads((sweep / "sweep.json").read_text())
     assert {t["trial_id"]: t["status"] for t in manifest["trials"]} == {FAIL: "finished", GOOD: "finished"}
+
+
+@pytest.mark.slow
+def test_a_trial_run_after_another_in_the_same_worker_group_equals_it_on_fresh_workers(local_ray, tmp_path):
+    """Worker processes are reused across trials: nothing of one trial may leak into the next. bs32 runs
+    second in one worker group; the same trial on fresh workers (trials_per_worker_group: 1) must give
+    bit-identical checkpoints and probe patterns at every recorded step."""
+    from dynatrack.parallel.sweep import run_sweep
+
+    shared = run_sweep(config(tmp_path / "shared", wandb={"mode": "disabled"}))
+    fresh = run_sweep(config(tmp_path / "fresh", batch_sizes=[32], wandb={"mode": "disabled"},
+                             ray={"trials_per_worker_group": 1}))
+    assert shared["failed"] == [] == fresh["failed"] and shared["timings"]["lanes"] == 1
+    a, b = Path(shared["sweep_dir"], GOOD), Path(fresh["sweep_dir"], GOOD)
+    first = json.loads(Path(shared["sweep_dir"], "bs16-s0-epochs", "trial.json").read_text())["timeline"]
+    reused = json.loads((a / "trial.json").read_text())["timeline"]
+    assert (first["trials_before_in_group"], reused["trials_before_in_group"]) == (0, 1)
+    assert reused["group_start"] == first["group_start"]  # the same worker processes
+    assert json.loads((b / "trial.json").read_text())["timeline"]["trials_before_in_group"] == 0
+    run_a, run_b = open_run(a), open_run(b)
+    steps = run_a.checkpoint_steps()
+    assert steps == run_b.checkpoint_steps() and set(steps) >= {0, 6}
+    for step in steps:
+        ck_a, ck_b = run_a.checkpoint(step=step), run_b.checkpoint(step=step)
+        assert ck_a.keys() == ck_b.keys()
+        for k in ck_a:
+            assert torch.equal(ck_a[k], ck_b[k]), (step, k)
+    assert not torch.equal(run_a.checkpoint(step=0)["net.head.weight"], run_a.checkpoint(step=6)["net.head.weight"])
+    for step in (0, 2, 6):
+        for layer in run_a.widths:
+            ids_a, bits_a = run_a.pattern_bits(step, layer, split="train")
+            ids_b, bits_b = run_b.pattern_bits(step, layer, split="train")
+            np.testing.assert_array_equal(ids_a[np.argsort(ids_a)], ids_b[np.argsort(ids_b)])
+            np.testing.assert_array_equal(bits_a[np.argsort(ids_a)], bits_b[np.argsort(ids_b)])
