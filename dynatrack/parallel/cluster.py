@@ -155,9 +155,36 @@ def _probe_address(address: str, timeout: float) -> None:
         ) from exc
 
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+class _NoTokenAuthOnNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to
+    opt out" notice for the local Ray dynatrack starts (token auth on is the intended state, and the
+    notice's advice is to turn it off); Ray's warning that auth is *disabled* still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None, connect_timeout: float = 5.0) -> Iterator[None]:
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, connect_timeout: float = 5.0,
+                dashboard: bool = False) -> Iterator[None]:
     """Use Ray inside the block.
+
+    ``dashboard``: start a local Ray with its dashboard (on 127.0.0.1), which serves Ray's state API,
+    and point every process of it at that API (``RAY_API_SERVER_ADDRESS``). Ray Train needs this:
+    every ``TorchTrainer`` run's placement-group cleaner asks the state API whether the Train
+    controller is alive, and a process that finds the API by auto-detection follows
+    ``/tmp/ray/ray_current_cluster``, which a killed ``ray start`` leaves pointing at a dead cluster:
+    each ask then hangs past the cleaner's 12 s stop timeout, and every Train run's teardown took 12 s
+    more (measured). The analysis engine, which has no Train runs, leaves the dashboard off.
 
     ``address=None`` starts a local Ray with ``num_cpus`` CPUs and shuts it down
     afterwards; an already initialized Ray (e.g. inside ``ray job submit``) is
@@ -175,9 +202,26 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, conn
     started = False
     if address is None and os.environ.get("RAY_ADDRESS") is None:
         ensure_private_token()
-        # address="local": always a fresh local instance, never a cluster that `ray start` left running
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=False)
+        auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        if not any(isinstance(f, _NoTokenAuthOnNotice) for f in auth_log.filters):
+            auth_log.addFilter(_NoTokenAuthOnNotice())
+        extra: dict = {}
+        env_before = os.environ.get(API_SERVER_ENV)
+        if dashboard:
+            port = _free_port()
+            extra = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"  # the raylet, hence every worker, inherits it
+        else:
+            extra = {"include_dashboard": False}
+        try:
+            # address="local": always a fresh local instance, never a cluster that `ray start` left running
+            ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, logging_level=logging.WARNING,
+                     configure_logging=False, **extra)
+        finally:
+            if dashboard and env_before is None:
+                os.environ.pop(API_SERVER_ENV, None)
+            elif dashboard:
+                os.environ[API_SERVER_ENV] = env_before  # type: ignore[assignment]
         started = True
     else:
         target = address or os.environ["RAY_ADDRESS"]

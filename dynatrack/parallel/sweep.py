@@ -243,7 +243,7 @@ def run_sweep(
                         fail_at=(fail_at or {}).get(tid))
             specs[tid] = spec
         t1 = time.perf_counter()
-        with ray_session(address, num_cpus=num_cpus):
+        with ray_session(address, num_cpus=num_cpus, dashboard=True):
             timings["ray_start_s"] = time.perf_counter() - t1
             lanes = min(check_resources(cpus_per_trial), len(todo))
             timings["lanes"] = lanes
