@@ -315,7 +315,7 @@ def _log_trials(cfg: Mapping[str, Any], path: Path, trials: list[dict[str, Any]]
             keys = ("batch_size", "per_worker_batch", "lr", "world_size", "seed", "budget", "max_steps")
             log_analysis({"train": table}, dims={}, run_id=f"{cfg['name']}-{trial['trial_id']}",
                          wandb_id=f"{cfg['name']}-{trial['trial_id']}", group=cfg["name"],
-                         project=cfg["wandb"]["project"], mode=mode, wandb_dir=path / "wandb",
+                         project=cfg["wandb"]["project"], mode=mode, wandb_dir=path / "wandb", job_type="trial",
                          config={**{k: trial[k] for k in keys}, "sweep_id": cfg["name"], "trial_id": trial["trial_id"]})
         except Exception as exc:  # noqa: BLE001 - W&B is a view; the run directories are the record
             log.warning("W&B logging of trial %s failed: %s", trial["trial_id"], exc)

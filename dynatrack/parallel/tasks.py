@@ -290,11 +290,6 @@ def _import_model(run: Run) -> Any:
                        "call self.save_hyperparameters() in the LightningModule's __init__") from exc
 
 
-def build_model(run: Run) -> Any:
-    """Deprecated name of the ``trust_model_code`` import; use :func:`load_model`."""
-    return _import_model(run)
-
-
 def _description(run: Run) -> dict[str, Any] | None:
     from dynatrack.store.model_desc import read_model_description
 

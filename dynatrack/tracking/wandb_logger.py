@@ -193,8 +193,10 @@ def log_analysis(
     on_error: OnError = "warn",
     init_timeout: float = INIT_TIMEOUT,
     wandb_id: str | None = None,
+    job_type: str = "analysis",
 ) -> WandbResult | None:
-    """Log analyzer result tables of one training run as one W&B run.
+    """Log analyzer result tables of one training run as one W&B run (``job_type``: W&B's run type,
+    ``"analysis"``; a sweep's per-trial runs say ``"trial"``).
 
     Every series is keyed ``"/".join([analyzer, *dimension values in dims order, metric])``
     (``patterns/fc1/train/distinct``, ``regions/2d_normalized``) and plotted against
@@ -394,7 +396,7 @@ def _log_to_wandb(
         id=wb_id,
         name=name,
         group=group,
-        job_type="analysis",
+        job_type=job_type,
         resume="never",
         reinit="create_new",  # never finish a run the caller (e.g. a Lightning WandbLogger) holds
         mode=mode,

@@ -15,7 +15,7 @@ from dynatrack import open_run
 from dynatrack.analysis import regions as reg
 from dynatrack.parallel import AnalyzeConfig, analyze_run
 from dynatrack.parallel.analyze import analyze_and_report, plan_step_ranges
-from dynatrack.parallel.tasks import NETWORK, build_model
+from dynatrack.parallel.tasks import NETWORK, _import_model
 from dynatrack.store.fs import StoreError
 
 CFG = AnalyzeConfig(n_slices=1, n_segments=3, boundary_samples=16, lc_samples=16, lc_radii=(0.05, 0.3),
@@ -86,7 +86,7 @@ def test_task_split_does_not_change_results(digits_run, local_ray, results):
 
 def test_regions_match_direct_computation_and_dense_grid(digits_run, results):
     run = open_run(digits_run)
-    model = build_model(run)
+    model = _import_model(run)  # the real LightningModule class, not the stored description
     r2 = [r for r in results["regions"].to_pylist() if r["kind"] == "2d"]
     assert sorted({r["step"] for r in r2}) == run.checkpoint_steps() == [0, 5, 10, 20, 30]
     ids, labels, x = run.probe_inputs("train")

@@ -214,3 +214,22 @@ def test_a_damaged_commit_record_is_named(tmp_path, capsys):
     with pytest.raises(StoreError, match=rf"commit record {record} is damaged"):
         open_run(loc.path)
     assert str(record) in cli_error(capsys, "inspect", loc.path)
+
+
+def _latest_ray_session() -> str | None:
+    latest = Path("/tmp/ray/session_latest")
+    return str(latest.resolve()) if latest.exists() else None
+
+
+@pytest.mark.parametrize("doc, says", [
+    ("[1, 2]", "expected a JSON object, got a list"),
+    ('{"schema_version": 1, "run_id": "r"}', "lacks the keys ['world_size', 'layers']"),
+])
+def test_analyze_rejects_a_bad_manifest_before_any_ray_starts(tmp_path, capsys, doc, says):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(doc)
+    before = _latest_ray_session()
+    line = cli_error(capsys, "analyze", str(run_dir), "--num-cpus", "1", "--wandb", "disabled")
+    assert str(run_dir / "manifest.json") in line and says in line
+    assert _latest_ray_session() == before  # no local Ray was started for a run that cannot be read

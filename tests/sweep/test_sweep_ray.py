@@ -129,6 +129,7 @@ def test_each_finished_trial_is_one_offline_wandb_run_grouped_by_the_sweep(first
         assert history[step]["train/loss"] == pytest.approx(loss)
         assert history[step]["train/lr"] == pytest.approx(lr)
     assert logged["run"]["run_group"] == "sw" and logged["run"]["run_id"] == f"sw-{GOOD}"
+    assert logged["run"]["job_type"] == "trial"
     config = logged["config"]
     assert {k: config[k] for k in ("batch_size", "per_worker_batch", "world_size", "seed", "budget")} == {
         "batch_size": 32, "per_worker_batch": 16, "world_size": 2, "seed": 0, "budget": "epochs"}
