@@ -113,3 +113,12 @@ def test_sweep_config_keys_table_documents_every_key() -> None:
                 assert f"{key}.{sub}" in rows, f"README config table lacks {key}.{sub}"
                 documented.add(f"{key}.{sub}")
     assert set(rows) == documented
+
+
+def test_every_local_image_and_link_in_the_readme_exists() -> None:
+    root = Path(__file__).resolve().parents[1]
+    targets = re.findall(r"\]\(([^)\s]+)\)", README)
+    local = [t.split("#")[0] for t in targets if not t.startswith(("http://", "https://", "#", "mailto:"))]
+    assert local, "no local links found: the pattern is wrong"
+    missing = [t for t in local if not (root / t).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"

@@ -333,14 +333,11 @@ def _make_callback_class() -> type:
             self.by_id = {t["trial_id"]: t for t in manifest["trials"]}
             self.seen = 0
             self.next_poll = 0.0
+            self.pending: Any = None  # an events() request in flight
 
-        def sync(self) -> None:
-            """Apply the queue's new events to ``sweep.json``."""
-            import ray
-
+        def _apply(self, events: list[tuple[float, str, str, str | None]]) -> None:
             from dynatrack.sweep.manifest import write_sweep
 
-            events = ray.get(self.queue.events.remote(self.seen))
             if not events:
                 return
             self.seen += len(events)
@@ -353,11 +350,28 @@ def _make_callback_class() -> type:
                                  wall_time_s=round(when - trial.get("started_at", when), 3))
             write_sweep(self.path, self.manifest)
 
+        def sync(self) -> None:
+            """Apply every event the queue holds to ``sweep.json`` (waits for the queue)."""
+            import ray
+
+            if self.pending is not None:
+                self._apply(ray.get(self.pending))
+                self.pending = None
+            self._apply(ray.get(self.queue.events.remote(self.seen)))
+
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-            now = time.monotonic()
-            if now >= self.next_poll:  # Tune steps often; a queue read every 0.5 s is plenty
-                self.next_poll = now + 0.5
-                self.sync()
+            """Tune's loop must not wait on the queue (its workers may hold every CPU): ask, and
+            apply the answer at a later step once it is there; at most one ask every 0.5 s."""
+            import ray
+
+            if self.pending is not None:
+                ready, _ = ray.wait([self.pending], timeout=0)
+                if ready:
+                    self._apply(ray.get(self.pending))
+                    self.pending = None
+            elif time.monotonic() >= self.next_poll:
+                self.next_poll = time.monotonic() + 0.5
+                self.pending = self.queue.events.remote(self.seen)
 
     return ManifestCallback
 
