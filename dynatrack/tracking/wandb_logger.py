@@ -278,6 +278,7 @@ def log_analysis(
             config=config,
             summary=dict(summary or {}),
             init_timeout=init_timeout,
+            job_type=job_type,
         )
     except Exception as exc:  # noqa: BLE001 - any W&B failure must not lose the run's results
         detail = " ".join(str(exc).split())  # one line: W&B's errors span several
@@ -381,6 +382,7 @@ def _log_to_wandb(
     config: dict[str, Any],
     summary: dict[str, Any] | None = None,
     init_timeout: float = INIT_TIMEOUT,
+    job_type: str = "analysis",
 ) -> WandbResult:
     import wandb
 
