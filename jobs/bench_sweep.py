@@ -4,8 +4,12 @@ to back as plain Lightning fits in this process (one process each: the trial's g
 of updates, the same recorder and the same initial weights), on the same machine in the same run.
 Prints one JSON object.
 
-    python jobs/bench_sweep.py [--num-cpus 2] [--task digits] [--epochs 2] [--trials-per-group N] [--no-fresh]
-        > jobs/bench_sweep.json
+    python jobs/bench_sweep.py [--num-cpus 2] [--task digits] [--epochs 2] [--workers 2] [--trials-per-group N]
+        [--no-fresh] > jobs/bench_sweep.json
+    python jobs/bench_sweep.py --workers 1 --epochs 1000 --no-fresh > jobs/bench_sweep_side_by_side.json
+
+The second form is the issue's "more cores than one trial uses" case on a 2-core machine: trials of
+one worker each, two lanes side by side, trials long enough (1000 epochs) for that to pay off.
 
 Then, in the same run, the same sweep again with ``ray.trials_per_worker_group: 1`` (fresh Ray Train
 workers for every trial, Ray's plain Train-in-Tune shape): the ablation of the worker-group reuse
@@ -16,7 +20,7 @@ trial queue's events: ``started_at`` / ``ended_at`` in ``sweep.json``; ``run_swe
 
 - ``ray_start_s``: ``ray.init`` of the local Ray (once per sweep);
 - ``worker_start_s`` (per worker group, once per lane unless ``--trials-per-group`` caps it): the
-  group's previous trial ended (or Tune started) -> its next trial taken: the Tune function's actor,
+  lane's previous trial ended (or Tune started) -> its next trial taken: the Tune function's actor,
   the Train controller, the placement group, the fresh worker processes importing torch, Lightning,
   Ray Train and dynatrack, and the gloo process group;
 - per trial: ``to_fit_s`` (taken -> ``trainer.fit`` called: the task, model and recorder, as a plain
@@ -53,7 +57,7 @@ def _sweep_config(tmp: Path, name: str, args: argparse.Namespace, trials_per_gro
 
     return validate_config({
         "name": name, "root": str(tmp / "ray"), "task": {"name": args.task, "seed": 0},
-        "model": {"hidden": [64, 64]}, "batch_sizes": [32, 128], "workers": 2, "seeds": [0, 1],
+        "model": {"hidden": [64, 64]}, "batch_sizes": [32, 128], "workers": args.workers, "seeds": [0, 1],
         "epochs": args.epochs, "recorder": {"schedule": {"log_spaced": {"dense": 10}}},
         "wandb": {"mode": "disabled"},
         "ray": {"num_cpus": args.num_cpus, "trials_per_worker_group": trials_per_group},
@@ -79,14 +83,15 @@ def _breakdown(result: dict, total: float, plain: dict[str, dict[str, float]], p
         rows.append((trial, tl, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
     # a worker group starts when Tune starts (first groups) or when its lane's previous group ended
     timings = result["timings"]
-    groups, previous_end = [], timings["tune_started_at"]
+    groups, previous_end = [], {}  # per lane: when its previous trial ended
     for trial, tl, row in rows:
+        row["lane"] = tl["lane"]
         row["worker_start_s"] = 0.0
         if tl["trials_before_in_group"] == 0:
-            groups.append(round(trial["started_at"] - previous_end, 3))
+            groups.append(round(trial["started_at"] - previous_end.get(tl["lane"], timings["tune_started_at"]), 3))
             row["worker_start_s"] = groups[-1]
         row["fixed_incl_worker_start_s"] = round(row["ray_fixed_s"] + row["worker_start_s"], 3)
-        previous_end = trial["ended_at"]
+        previous_end[tl["lane"]] = trial["ended_at"]
     last_end = max(t["ended_at"] for t, _, _ in rows)
     trials = [row for _, _, row in rows]
     out = {
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--task", default="digits", choices=["digits", "synthetic"])
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="Ray Train workers per trial (1 on 2 CPUs: two trials side by side)")
     parser.add_argument("--trials-per-group", type=int, default=None,
                         help="ray.trials_per_worker_group of the sweep (default: unlimited)")
     parser.add_argument("--no-fresh", action="store_true",
@@ -173,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     fresh_import = {"wall_s": round(time.perf_counter() - t2, 3),
                     "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 3)}
     out = {
-        "what": "4-trial sweep on a local Ray (Ray Train worker groups of 2 CPU workers, one per lane, serving "
+        "what": "4-trial sweep on a local Ray (Ray Train worker groups of `workers` CPU workers, one per lane, serving "
                 "queued trials) vs the same 4 trials as plain one-process Lightning fits back to back, same "
                 "recorder, same run; then the same sweep with fresh workers for every trial",
         "date": time.strftime("%Y-%m-%d"),
         "trials_per_worker_group": args.trials_per_group,
-        "cpus": os.cpu_count(), "num_cpus": args.num_cpus, "task": args.task,
+        "cpus": os.cpu_count(), "num_cpus": args.num_cpus, "task": args.task, "workers": args.workers,
+        "epochs": args.epochs,
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "plain_total_s": round(plain_total, 3),
         **_breakdown(result, sweep_total, plain, plain_total),

@@ -128,7 +128,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         start, fit_start = time.perf_counter(), time.time()
         trainer.fit(module, train_dataloaders=loader)
         if rank == 0:
-            timeline = {"group_start": group_start, "trials_before_in_group": served, "worker_start": taken,
+            timeline = {"lane": lane, "group_start": group_start, "trials_before_in_group": served, "worker_start": taken,
                         "fit_start": fit_start, "fit_end": time.time()}
             write_trial_file(spec, trainer, module, tensors, time.perf_counter() - start, timeline)
             ray.get(queue.finished.remote(lane, spec["trial_id"]))
