@@ -6,10 +6,10 @@ Prints one JSON object.
 
     python jobs/bench_sweep.py [--num-cpus 2] [--task digits] [--epochs 2] [--workers 2] [--trials-per-group N]
         [--no-fresh] > jobs/bench_sweep.json
-    python jobs/bench_sweep.py --workers 1 --epochs 1000 --no-fresh > jobs/bench_sweep_side_by_side.json
+    python jobs/bench_sweep.py --workers 1 --epochs 3000 --no-fresh > jobs/bench_sweep_side_by_side.json
 
 The second form is the issue's "more cores than one trial uses" case on a 2-core machine: trials of
-one worker each, two lanes side by side, trials long enough (1000 epochs) for that to pay off.
+one worker each, two lanes side by side, trials long enough (3000 epochs) for that to pay off.
 
 Then, in the same run, the same sweep again with ``ray.trials_per_worker_group: 1`` (fresh Ray Train
 workers for every trial, Ray's plain Train-in-Tune shape): the ablation of the worker-group reuse
