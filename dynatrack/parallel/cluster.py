@@ -205,23 +205,21 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, conn
         auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
         if not any(isinstance(f, _NoTokenAuthOnNotice) for f in auth_log.filters):
             auth_log.addFilter(_NoTokenAuthOnNotice())
-        extra: dict = {}
+        extra: dict = {"include_dashboard": dashboard}
         env_before = os.environ.get(API_SERVER_ENV)
         if dashboard:
-            port = _free_port()
-            extra = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
-            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"  # the raylet, hence every worker, inherits it
-        else:
-            extra = {"include_dashboard": False}
+            extra.update(dashboard_host="127.0.0.1", dashboard_port=_free_port())
+            # the raylet, hence every worker it starts, inherits the variable; this process gets its own back
+            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{extra['dashboard_port']}"
         try:
             # address="local": always a fresh local instance, never a cluster that `ray start` left running
             ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, logging_level=logging.WARNING,
                      configure_logging=False, **extra)
         finally:
-            if dashboard and env_before is None:
+            if dashboard:
                 os.environ.pop(API_SERVER_ENV, None)
-            elif dashboard:
-                os.environ[API_SERVER_ENV] = env_before  # type: ignore[assignment]
+                if env_before is not None:
+                    os.environ[API_SERVER_ENV] = env_before
         started = True
     else:
         target = address or os.environ["RAY_ADDRESS"]

@@ -271,17 +271,15 @@ def run_sweep(
             timings["tune_ended_at"] = time.time()
             callback.sync()
             lane_errors = [error_summary(r.error) for r in grid if r.error is not None]
-            for tid in todo:  # trials a failed lane left behind
-                if by_id[tid]["status"] in ("pending", "running") and lane_errors:
-                    by_id[tid].update(status="failed", error=lane_errors[0])
             t3 = time.perf_counter()
         timings["ray_stop_s"] = time.perf_counter() - t3
         for tid in todo:  # a trial whose fit returned without trial.json did not finish
             trial = by_id[tid]
             if trial["status"] == "finished" and not (path / tid / "trial.json").exists():
                 trial.update(status="failed", error="the fit ended without writing trial.json")
-            elif trial["status"] in ("pending", "running"):
-                trial.update(status="failed", error=trial.get("error") or "the trial did not run to the end")
+            elif trial["status"] in ("pending", "running"):  # e.g. left behind by a lane that failed
+                trial.update(status="failed", error=(lane_errors[:1] or [trial.get("error")])[0]
+                             or "the trial did not run to the end")
         write_sweep(path, manifest)
         t4 = time.perf_counter()
         _log_trials(cfg, path, [by_id[t] for t in todo if by_id[t]["status"] == "finished"], wandb_mode)

@@ -1040,10 +1040,9 @@ def _optimizer_lr(optimizer: Any) -> float | None:
 
 
 def _lr(trainer: Trainer) -> float:
-    try:
-        return float(trainer.optimizers[0].param_groups[0]["lr"])
-    except (IndexError, KeyError, TypeError, ValueError):
-        return math.nan
+    """The first optimizer's lr now (NaN without one): for steps whose optimizer step did not run."""
+    lr = _optimizer_lr(trainer.optimizers[0]) if trainer.optimizers else None
+    return math.nan if lr is None else lr
 
 
 def _batch_len(batch: Any) -> int:

@@ -195,8 +195,9 @@ def write_trial_file(spec: Mapping[str, Any], trainer: pl.Trainer, module: nn.Mo
                      timeline: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Write ``<run_dir>/trial.json`` (rank 0, after a successful fit): its presence marks the trial finished.
 
-    ``timeline``: Unix times of this process's milestones (``worker_start``: the worker function
-    entered, ``fit_start``, ``fit_end``), for the overhead breakdown of ``jobs/bench_sweep.py``.
+    ``timeline``: Unix times of this process's milestones (``worker_start``: the trial taken up,
+    ``fit_start``, ``fit_end``; on the Ray engine also ``lane``, ``group_start``: the worker group's
+    start, and ``trials_before_in_group``), for the overhead breakdown of ``jobs/bench_sweep.py``.
     """
     metrics = evaluate(module, tensors)
     record = {

@@ -172,3 +172,34 @@ def test_the_right_token_connects(head, digits_run):
     proc, _ = _analyze(digits_run, head["address"], head["env"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "analysis of digits" in proc.stdout
+
+
+def test_a_sweeps_local_ray_points_every_worker_at_its_own_state_api(tmp_path):
+    """Ray Train's placement-group cleaner asks the state API from a worker process; that process must
+    reach this session's dashboard, whatever /tmp/ray/ray_current_cluster says. Checked from a real task:
+    the variable it sees is this session's dashboard, and the state API there knows a live actor."""
+    import ray
+
+    from dynatrack.parallel.cluster import API_SERVER_ENV, ray_session
+
+    before = os.environ.get(API_SERVER_ENV)
+    with ray_session(num_cpus=1, dashboard=True):
+        assert os.environ.get(API_SERVER_ENV) == before  # this process gets its own value back
+        url = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+
+        @ray.remote(num_cpus=0)
+        class Alive:
+            def ping(self) -> int:
+                return 1
+
+        @ray.remote(num_cpus=0)
+        def ask(actor_id: str) -> tuple[str | None, str]:
+            from ray.util.state import get_actor
+
+            return os.environ.get(API_SERVER_ENV), get_actor(actor_id, timeout=10).state
+
+        actor = Alive.remote()
+        ray.get(actor.ping.remote())
+        seen, state = ray.get(ask.remote(actor._actor_id.hex()), timeout=60)
+    assert seen == url and url.startswith("http://127.0.0.1:")
+    assert state == "ALIVE"

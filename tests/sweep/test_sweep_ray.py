@@ -201,3 +201,28 @@ def test_a_trial_run_after_another_in_the_same_worker_group_equals_it_on_fresh_w
             ids_b, bits_b = run_b.pattern_bits(step, layer, split="train")
             np.testing.assert_array_equal(ids_a[np.argsort(ids_a)], ids_b[np.argsort(ids_b)])
             np.testing.assert_array_equal(bits_a[np.argsort(ids_a)], bits_b[np.argsort(ids_b)])
+
+
+@pytest.mark.slow
+def test_two_lanes_side_by_side_run_every_trial_exactly_once(local_ray, tmp_path):
+    """One-worker trials on 2 CPUs: two lanes take trials from one queue at the same time. Every trial
+    runs once (one attempt, one trial.json), both lanes work, and each run starts from its seed's init."""
+    from dynatrack.parallel.sweep import run_sweep
+
+    result = run_sweep(config(tmp_path, workers=1, seeds=[0, 1], wandb={"mode": "disabled"}))
+    assert result["failed"] == [] and result["timings"]["lanes"] == 2
+    sweep = Path(result["sweep_dir"])
+    ids = sorted(t["trial_id"] for t in result["trials"])
+    assert ids == ["bs16-s0-epochs", "bs16-s1-epochs", "bs32-s0-epochs", "bs32-s1-epochs"]
+    lanes = set()
+    for tid in ids:
+        info = json.loads((sweep / tid / "trial.json").read_text())
+        lanes.add(info["timeline"]["lane"])
+        run = open_run(sweep / tid)
+        assert run.manifest["world_size"] == 1 and len(run.manifest.get("attempts", [{}])) == 1
+        assert info["final_step"] == next(t["max_steps"] for t in result["trials"] if t["trial_id"] == tid)
+        init = torch.load(sweep / "init" / f"seed={info['seed']}.pt", weights_only=True)
+        for k, v in init.items():
+            assert torch.equal(run.checkpoint(step=0)[f"net.{k}"], v)
+    assert lanes == {0, 1}
+    assert not (sweep / "failed").exists()
